@@ -1,0 +1,2 @@
+mod ebpf;
+fn main() {}

@@ -1,0 +1,7 @@
+//! `cargo xtask demo`.
+
+use anyhow::Result;
+
+pub fn run() -> Result<()> {
+    anyhow::bail!("not implemented yet")
+}

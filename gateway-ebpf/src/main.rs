@@ -1,12 +1,20 @@
+//! Nodegate kernel programs, one file per hook:
+//!
+//! - [`connect`]: `cgroup/connect4` + `cgroup/connect6` redirect connects to protected
+//!   destinations to the gateway's proxy and record the original destination;
+//! - [`sockops`]: `sock_ops` re-keys that record by the client's address once the
+//!   connection is established, so that the proxy finds it by the peer address of `accept()`;
+//! - [`ingress`]: `cgroup_skb/ingress` drops (or, in audit mode, passes) and counts packets
+//!   that reach a protected endpoint without coming from a gateway.
+//!
+//! Every map is pinned by name, so state and counters outlive the daemon.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-
-#[cgroup_sock_addr(connect4)]
-pub fn ng_connect4(_ctx: SockAddrContext) -> i32 {
-    1
-}
+mod connect;
+mod ingress;
+mod maps;
+mod sockops;
 
 #[cfg(not(test))]
 #[panic_handler]

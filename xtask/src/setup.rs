@@ -178,6 +178,10 @@ fn missing_packages() -> Vec<String> {
 fn apt_candidates(packages: &[String]) -> BTreeMap<String, String> {
     let policy =
         cmd::output(Command::new("apt-cache").arg("policy").args(packages)).unwrap_or_default();
+    parse_candidates(&policy)
+}
+
+fn parse_candidates(policy: &str) -> BTreeMap<String, String> {
     let mut candidates = BTreeMap::new();
     let mut current: Option<&str> = None;
     for line in policy.lines() {
@@ -295,6 +299,30 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
 bpf /sys/fs/bpf bpf rw,relatime 0 0
 none /mnt/with\\040space bpf rw 0 0
 ";
+
+    #[test]
+    fn reads_candidates_from_apt_cache_policy() {
+        // Unknown packages print nothing; known ones without a version print `(none)`.
+        let policy = "\
+llvm-22-dev:
+  Installed: (none)
+  Candidate: 1:22.1.8-1~deb12u1
+  Version table:
+     1:22.1.8-1~deb12u1 500
+        500 http://deb.debian.org/debian-security bookworm-security/main amd64 Packages
+libpolly-22-dev:
+  Installed: (none)
+  Candidate: (none)
+  Version table:
+";
+        let candidates = parse_candidates(policy);
+        assert_eq!(
+            candidates.get("llvm-22-dev").map(String::as_str),
+            Some("1:22.1.8-1~deb12u1")
+        );
+        assert!(!candidates.contains_key("libpolly-22-dev"));
+        assert_eq!(candidates.len(), 1);
+    }
 
     #[test]
     fn finds_the_cgroup2_mount() {

@@ -1,0 +1,311 @@
+//! `ngpeer`: the traffic helper the harness runs inside pods, the foreign node and the node.
+//!
+//! ```text
+//! ngpeer serve --listen ADDR [--listen ADDR ...] [--name N]
+//! ngpeer connect ADDR [--send STR] [--timeout-ms N] [--half-close]
+//! ```
+//!
+//! `serve` prints `listening ADDR` once per bound address, then one JSON line per connection
+//! (`{"event":"conn","peer":..,"local":..,"read":..}`). For each connection it reads until a
+//! newline or EOF and answers `N:<what it read>`; a request starting with `GET ` is answered as
+//! HTTP/1.0 with `200` and the body `hello from N`.
+//!
+//! `connect` prints exactly one JSON line and exits 0 whatever happened on the wire:
+//! `{"ok","connected","error","kind","errno","local","reply"}` where `kind` is one of `refused`,
+//! `timeout`, `reset`, `unreachable`, `aborted`, `other` (null when `ok`). Without
+//! `--half-close` a newline is appended to the message; with it the message is sent as is and
+//! the write side is shut down, so the peer only answers once it has seen EOF.
+
+use std::{
+    io::{self, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::ExitCode,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+
+const USAGE: &str = "usage: ngpeer serve --listen ADDR [--listen ADDR ...] [--name N]\n       \
+                     ngpeer connect ADDR [--send STR] [--timeout-ms N] [--half-close]";
+
+/// How long a served connection may stay silent before it is dropped.
+const SERVE_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound on what one served connection may send before the reply.
+const SERVE_MAX_READ: usize = 64 * 1024;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => parse_serve(&args[1..]).and_then(|opts| serve(&opts)),
+        Some("connect") => parse_connect(&args[1..]).map(|opts| connect(&opts)),
+        _ => Err(USAGE.to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("ngpeer: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+struct ServeOpts {
+    listen: Vec<SocketAddr>,
+    name: String,
+}
+
+struct ConnectOpts {
+    target: SocketAddr,
+    send: String,
+    timeout: Duration,
+    half_close: bool,
+}
+
+fn value<'a>(args: &'a [String], i: usize, flag: &str) -> Result<&'a str, String> {
+    args.get(i + 1)
+        .map(String::as_str)
+        .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|e| format!("`{s}` is not an ip:port address: {e}"))
+}
+
+fn parse_serve(args: &[String]) -> Result<ServeOpts, String> {
+    let mut opts = ServeOpts {
+        listen: Vec::new(),
+        name: "peer".to_owned(),
+    };
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--listen" => opts.listen.push(parse_addr(value(args, i, "--listen")?)?),
+            "--name" => value(args, i, "--name")?.clone_into(&mut opts.name),
+            other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
+        }
+        i += 2;
+    }
+    if opts.listen.is_empty() {
+        return Err(format!("serve needs at least one --listen\n{USAGE}"));
+    }
+    Ok(opts)
+}
+
+fn parse_connect(args: &[String]) -> Result<ConnectOpts, String> {
+    let target = parse_addr(args.first().ok_or_else(|| USAGE.to_owned())?)?;
+    let mut opts = ConnectOpts {
+        target,
+        send: "hello".to_owned(),
+        timeout: Duration::from_secs(2),
+        half_close: false,
+    };
+    let mut i = 1;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--send" => {
+                value(args, i, "--send")?.clone_into(&mut opts.send);
+                i += 2;
+            }
+            "--timeout-ms" => {
+                let ms: u64 = value(args, i, "--timeout-ms")?
+                    .parse()
+                    .map_err(|e| format!("--timeout-ms: {e}"))?;
+                opts.timeout = Duration::from_millis(ms.max(1));
+                i += 2;
+            }
+            "--half-close" => {
+                opts.half_close = true;
+                i += 1;
+            }
+            other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
+        }
+    }
+    Ok(opts)
+}
+
+fn serve(opts: &ServeOpts) -> Result<(), String> {
+    let mut listeners = Vec::new();
+    for addr in &opts.listen {
+        let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+        listeners.push(listener);
+    }
+    {
+        let mut out = io::stdout().lock();
+        for listener in &listeners {
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            writeln!(out, "listening {addr}").map_err(|e| e.to_string())?;
+        }
+        out.flush().map_err(|e| e.to_string())?;
+    }
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            let name = opts.name.clone();
+            thread::spawn(move || {
+                for stream in listener.incoming() {
+                    match stream {
+                        Ok(stream) => {
+                            let name = name.clone();
+                            thread::spawn(move || handle(stream, &name));
+                        }
+                        Err(e) => eprintln!("ngpeer: accept: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        // A listener thread only ends by panicking; report it rather than hide it.
+        handle
+            .join()
+            .map_err(|_| "listener thread panicked".to_owned())?;
+    }
+    Ok(())
+}
+
+/// Reads one request (a line, everything up to EOF, or an HTTP request head) and answers it.
+fn handle(mut stream: TcpStream, name: &str) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let local = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let _ = stream.set_read_timeout(Some(SERVE_READ_TIMEOUT));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut error = None;
+    loop {
+        if is_http(&buf) {
+            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        } else if buf.contains(&b'\n') {
+            break;
+        }
+        if buf.len() >= SERVE_MAX_READ {
+            break;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let read = String::from_utf8_lossy(&buf).into_owned();
+    let reply = if is_http(&buf) {
+        let body = format!("hello from {name}");
+        format!(
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    } else {
+        format!("{name}:{read}")
+    };
+    let written = stream
+        .write_all(reply.as_bytes())
+        .and_then(|()| stream.flush());
+    let _ = stream.shutdown(Shutdown::Write);
+    let line = json!({
+        "event": "conn",
+        "peer": peer,
+        "local": local,
+        "read": read,
+        "error": error.or_else(|| written.err().map(|e| e.to_string())),
+    });
+    println!("{line}");
+    // Drain until the client closes so that our close is a FIN, not an RST.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = io::copy(&mut stream, &mut io::sink());
+}
+
+fn is_http(buf: &[u8]) -> bool {
+    buf.starts_with(b"GET ")
+}
+
+fn connect(opts: &ConnectOpts) {
+    let deadline = Instant::now() + opts.timeout;
+    let result = match TcpStream::connect_timeout(&opts.target, opts.timeout) {
+        Err(e) => json!({
+            "ok": false,
+            "connected": false,
+            "error": e.to_string(),
+            "kind": kind(&e),
+            "errno": e.raw_os_error(),
+            "local": null,
+            "reply": null,
+        }),
+        Ok(stream) => {
+            let local = stream.local_addr().ok().map(|a| a.to_string());
+            let (reply, err) = exchange(stream, opts, deadline);
+            json!({
+                "ok": err.is_none(),
+                "connected": true,
+                "error": err.as_ref().map(ToString::to_string),
+                "kind": err.as_ref().map(kind),
+                "errno": err.as_ref().and_then(io::Error::raw_os_error),
+                "local": local,
+                "reply": String::from_utf8_lossy(&reply),
+            })
+        }
+    };
+    println!("{result}");
+}
+
+/// Sends the message, then reads the reply until EOF or the deadline.
+fn exchange(
+    mut stream: TcpStream,
+    opts: &ConnectOpts,
+    deadline: Instant,
+) -> (Vec<u8>, Option<io::Error>) {
+    let mut reply = Vec::new();
+    let remaining = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    let sent = (|| {
+        stream.set_write_timeout(Some(remaining()))?;
+        stream.write_all(opts.send.as_bytes())?;
+        if opts.half_close {
+            stream.shutdown(Shutdown::Write)?;
+        } else {
+            stream.write_all(b"\n")?;
+        }
+        Ok::<(), io::Error>(())
+    })();
+    if let Err(e) = sent {
+        return (reply, Some(e));
+    }
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Err(e) = stream.set_read_timeout(Some(remaining())) {
+            return (reply, Some(e));
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return (reply, None),
+            Ok(n) => reply.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (reply, Some(e)),
+        }
+    }
+}
+
+fn kind(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "refused",
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "timeout",
+        io::ErrorKind::ConnectionReset => "reset",
+        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => "unreachable",
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe => "aborted",
+        _ => "other",
+    }
+}

@@ -1,0 +1,539 @@
+//! Running the gateway on a simulated node: config, lifecycle, decision log, CLI.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use super::{
+    Error, Result, io_err,
+    netns::http_get_in_netns,
+    node::Node,
+    process::{Output, POLL, Proc, run_command},
+};
+
+/// Port of the proxy on the node IP.
+pub const PROXY_PORT: u16 = 15001;
+/// Port of the admin server on the node netns' loopback (each node has its own loopback).
+pub const ADMIN_PORT: u16 = 15000;
+/// How long `gateway run` may take to answer `/readyz` 200.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline of one CLI call (`counters`, `status`, `detach`, `check-config`).
+const CLI_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Per-service enforcement mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Audit,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+/// One `services:` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub mode: Mode,
+    pub vips: Vec<SocketAddr>,
+    pub endpoints: Vec<SocketAddr>,
+    /// CIDRs, written as given (so a test can write an invalid one).
+    pub allow_sources: Vec<String>,
+}
+
+impl ServiceConfig {
+    pub fn new(name: &str, mode: Mode) -> Self {
+        Self {
+            name: name.to_owned(),
+            mode,
+            vips: Vec::new(),
+            endpoints: Vec::new(),
+            allow_sources: Vec::new(),
+        }
+    }
+
+    #[must_use]
+    pub fn vip(mut self, addr: SocketAddr) -> Self {
+        self.vips.push(addr);
+        self
+    }
+
+    #[must_use]
+    pub fn endpoint(mut self, addr: SocketAddr) -> Self {
+        self.endpoints.push(addr);
+        self
+    }
+
+    #[must_use]
+    pub fn allow(mut self, cidr: &str) -> Self {
+        self.allow_sources.push(cidr.to_owned());
+        self
+    }
+}
+
+/// The gateway's YAML config (docs/ARCHITECTURE.md, README).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    pub node: String,
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub proxy_v4: SocketAddr,
+    pub proxy_v6: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub gateways: Vec<IpAddr>,
+    pub decisions_file: PathBuf,
+    pub services: Vec<ServiceConfig>,
+}
+
+impl GatewayConfig {
+    pub(crate) fn for_node(node: &Node) -> Self {
+        Self {
+            node: format!("sim-{}", node.prefix().trim_start_matches("ng")),
+            cgroup: node.pods_cgroup(),
+            bpffs: node.bpffs(),
+            proxy_v4: SocketAddr::new(IpAddr::V4(node.ipv4()), PROXY_PORT),
+            proxy_v6: Some(SocketAddr::new(IpAddr::V6(node.ipv6()), PROXY_PORT)),
+            admin: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ADMIN_PORT),
+            gateways: vec![IpAddr::V4(node.ipv4()), IpAddr::V6(node.ipv6())],
+            decisions_file: node.dir().join("decisions.log"),
+            services: Vec::new(),
+        }
+    }
+
+    #[must_use]
+    pub fn service(mut self, service: ServiceConfig) -> Self {
+        self.services.push(service);
+        self
+    }
+
+    #[must_use]
+    pub fn without_service(mut self, name: &str) -> Self {
+        self.services.retain(|s| s.name != name);
+        self
+    }
+
+    /// The YAML text (strings JSON-quoted, which YAML reads as is).
+    pub fn to_yaml(&self) -> String {
+        let q = |s: &str| Value::from(s).to_string();
+        let list = |items: Vec<String>| {
+            format!(
+                "[{}]",
+                items.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ")
+            )
+        };
+        let mut y = String::new();
+        let _ = writeln!(y, "node: {}", q(&self.node));
+        let _ = writeln!(y, "cgroup: {}", q(&self.cgroup.to_string_lossy()));
+        let _ = writeln!(y, "bpffs: {}", q(&self.bpffs.to_string_lossy()));
+        match self.proxy_v6 {
+            Some(v6) => {
+                let _ = writeln!(
+                    y,
+                    "proxy: {{ listen: {}, listen_v6: {} }}",
+                    q(&self.proxy_v4.to_string()),
+                    q(&v6.to_string())
+                );
+            }
+            None => {
+                let _ = writeln!(y, "proxy: {{ listen: {} }}", q(&self.proxy_v4.to_string()));
+            }
+        }
+        let _ = writeln!(y, "admin: {{ listen: {} }}", q(&self.admin.to_string()));
+        let _ = writeln!(
+            y,
+            "gateways: {}",
+            list(self.gateways.iter().map(ToString::to_string).collect())
+        );
+        let _ = writeln!(
+            y,
+            "log: {{ decisions_file: {} }}",
+            q(&self.decisions_file.to_string_lossy())
+        );
+        if self.services.is_empty() {
+            y.push_str("services: []\n");
+        } else {
+            y.push_str("services:\n");
+            for s in &self.services {
+                let _ = writeln!(
+                    y,
+                    "  - {{ name: {}, mode: {}, vips: {}, endpoints: {}, allow_sources: {} }}",
+                    q(&s.name),
+                    q(s.mode.as_str()),
+                    list(s.vips.iter().map(ToString::to_string).collect()),
+                    list(s.endpoints.iter().map(ToString::to_string).collect()),
+                    list(s.allow_sources.clone()),
+                );
+            }
+        }
+        y
+    }
+}
+
+impl Node {
+    /// `10.96.N.host:port`: a service VIP of this node (routed nowhere: only the gateway's
+    /// redirect makes it reachable).
+    pub fn vip_v4(&self, host: u8, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, self.index(), host)), port)
+    }
+
+    /// `[fd96:N::host]:port`.
+    pub fn vip_v6(&self, host: u8, port: u16) -> SocketAddr {
+        SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::new(
+                0xfd96,
+                self.index().into(),
+                0,
+                0,
+                0,
+                0,
+                0,
+                host.into(),
+            )),
+            port,
+        )
+    }
+}
+
+/// A `gateway run` on a node. Dropping it kills the daemon (the node's drop would too); the
+/// pins stay until the node is dropped, as they would on a real node.
+pub struct Gateway {
+    node: Node,
+    config: GatewayConfig,
+    config_path: PathBuf,
+    proc: Proc,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("node", &self.node.prefix())
+            .field("config", &self.config_path)
+            .field("proc", &self.proc)
+            .finish()
+    }
+}
+
+impl Gateway {
+    pub(crate) fn start(node: &Node, config: GatewayConfig) -> Result<Self> {
+        node.tools().require_gateway()?;
+        let config_path = node.dir().join("gateway.yaml");
+        write_file(&config_path, &config.to_yaml())?;
+        let proc = spawn(node, &config_path)?;
+        let gateway = Self {
+            node: node.clone(),
+            config,
+            config_path,
+            proc,
+        };
+        gateway.wait_ready()?;
+        Ok(gateway)
+    }
+
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.proc.is_running()
+    }
+
+    /// The current daemon's stdout (its decision lines and logs).
+    pub fn stdout(&self) -> String {
+        self.proc.stdout()
+    }
+
+    /// The current daemon's stderr.
+    pub fn stderr(&self) -> String {
+        self.proc.stderr()
+    }
+
+    /// Polls `/readyz` in the node netns until 200; fails with the daemon's stderr if it exits
+    /// or does not get ready in time.
+    pub fn wait_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.proc.try_wait() {
+                return Err(Error::Gateway(format!(
+                    "exited ({status}) before /readyz answered 200; stderr:\n{}\nstdout:\n{}",
+                    self.stderr(),
+                    self.stdout()
+                )));
+            }
+            let last = match self.admin_get("/readyz") {
+                Ok((200, _)) => return Ok(()),
+                Ok((code, body)) => format!("HTTP {code}: {body}"),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::Gateway(format!(
+                    "/readyz not 200 after {}s (last: {last}); stderr:\n{}",
+                    READY_TIMEOUT.as_secs(),
+                    self.stderr()
+                )));
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `GET path` on the admin server (inside the node netns).
+    pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
+        http_get_in_netns(
+            self.node.node_netns(),
+            self.config.admin,
+            path,
+            Duration::from_secs(2),
+        )
+    }
+
+    /// SIGKILL the daemon and reap it. Pins and links stay, as after a crash.
+    pub fn kill9(&self) -> Option<ExitStatus> {
+        self.proc.kill()
+    }
+
+    /// SIGTERM, then wait up to `timeout` (SIGKILL after it). Returns the exit status.
+    pub fn stop(&self, timeout: Duration) -> Option<ExitStatus> {
+        self.proc.signal(libc::SIGTERM);
+        let status = self.proc.wait_timeout(timeout);
+        if status.is_none() {
+            self.proc.kill();
+        }
+        status
+    }
+
+    /// Kills the daemon if it runs, starts it again with the current config file, and waits
+    /// until it is ready.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.kill();
+        self.proc = spawn(&self.node, &self.config_path)?;
+        self.wait_ready()
+    }
+
+    /// Rewrites the config file with `config` and sends SIGHUP. The caller waits for the effect
+    /// (e.g. with [`Self::status`] and [`poll_until`]).
+    pub fn reload(&mut self, config: GatewayConfig) -> Result<()> {
+        write_file(&self.config_path, &config.to_yaml())?;
+        self.config = config;
+        if self.proc.signal(libc::SIGHUP) {
+            Ok(())
+        } else {
+            Err(Error::Gateway(format!(
+                "not running, cannot SIGHUP; stderr:\n{}",
+                self.stderr()
+            )))
+        }
+    }
+
+    /// Every complete line of the decision file, parsed.
+    pub fn decisions(&self) -> Result<Vec<Value>> {
+        let text = match fs::read_to_string(&self.config.decisions_file) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(io_err(format!(
+                    "read {}",
+                    self.config.decisions_file.display()
+                ))(e));
+            }
+        };
+        // A line still being written has no newline yet.
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|line| {
+                serde_json::from_str(line).map_err(|e| Error::Parse {
+                    what: format!("decision line in {}", self.config.decisions_file.display()),
+                    detail: format!("{e}: {line}"),
+                })
+            })
+            .collect()
+    }
+
+    /// Waits for the first decision line that satisfies `pred`.
+    pub fn wait_decision(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        poll_until(&format!("a decision line {what}"), timeout, || {
+            Ok(self.decisions()?.into_iter().find(|d| pred(d)))
+        })
+        .map_err(|e| match e {
+            Error::Timeout { what, seconds } => Error::Timeout {
+                what: format!("{what}; decision lines so far:\n{}", self.decision_text()),
+                seconds,
+            },
+            other => other,
+        })
+    }
+
+    /// The raw decision file, for failure messages.
+    pub fn decision_text(&self) -> String {
+        fs::read_to_string(&self.config.decisions_file).unwrap_or_default()
+    }
+
+    /// Runs `gateway ARGS...` (the CLI) in the test's own namespaces.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = Command::new(self.node.tools().require_gateway()?);
+        cmd.args(args);
+        run_command(cmd, CLI_TIMEOUT)
+    }
+
+    /// `gateway counters --json --bpffs DIR`.
+    pub fn counters(&self) -> Result<Counters> {
+        let bpffs = self.config.bpffs.to_string_lossy().into_owned();
+        Ok(Counters(
+            self.cli(&["counters", "--json", "--bpffs", &bpffs])?
+                .ok()?
+                .json()?,
+        ))
+    }
+
+    /// `gateway status --json --bpffs DIR`.
+    pub fn status(&self) -> Result<Value> {
+        let bpffs = self.config.bpffs.to_string_lossy().into_owned();
+        self.cli(&["status", "--json", "--bpffs", &bpffs])?
+            .ok()?
+            .json()
+    }
+
+    /// `gateway detach --bpffs DIR`.
+    pub fn detach(&self) -> Result<Output> {
+        let bpffs = self.config.bpffs.to_string_lossy().into_owned();
+        self.cli(&["detach", "--bpffs", &bpffs])?.ok()
+    }
+}
+
+fn spawn(node: &Node, config_path: &Path) -> Result<Proc> {
+    let mut cmd = Command::new(node.tools().require_gateway()?);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(config_path)
+        .env("RUST_BACKTRACE", "1");
+    node.spawn_gateway_process("gateway", cmd)
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    // Write then rename, so a reload never reads half a file.
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).map_err(io_err(format!("write {}", tmp.display())))?;
+    fs::rename(&tmp, path).map_err(io_err(format!(
+        "rename {} to {}",
+        tmp.display(),
+        path.display()
+    )))
+}
+
+/// Calls `probe` every 20 ms until it returns `Some`, an error, or `timeout` passes.
+pub fn poll_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe()? {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                what: what.to_owned(),
+                seconds: timeout.as_secs_f64(),
+            });
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// `gateway counters --json` output (`ebpf::inspect::Counters`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Counters(pub Value);
+
+impl Counters {
+    /// The `bypass` rows.
+    pub fn rows(&self) -> &[Value] {
+        self.0
+            .get("bypass")
+            .and_then(Value::as_array)
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Sum of `field` (`syns`, `packets`, `bytes`) over rows matching service, source, reason
+    /// and action; 0 if none.
+    pub fn sum(
+        &self,
+        field: &str,
+        service: &str,
+        source: IpAddr,
+        reason: &str,
+        action: &str,
+    ) -> u64 {
+        self.rows()
+            .iter()
+            .filter(|r| {
+                r.get("service").and_then(Value::as_str) == Some(service)
+                    && r.get("source")
+                        .and_then(Value::as_str)
+                        .and_then(|s| s.parse::<IpAddr>().ok())
+                        == Some(source)
+                    && r.get("reason").and_then(Value::as_str) == Some(reason)
+                    && r.get("action").and_then(Value::as_str) == Some(action)
+            })
+            .filter_map(|r| r.get(field).and_then(Value::as_u64))
+            .sum()
+    }
+
+    /// SYNs counted for (service, source, reason, action).
+    pub fn syns(&self, service: &str, source: IpAddr, reason: &str, action: &str) -> u64 {
+        self.sum("syns", service, source, reason, action)
+    }
+
+    /// A program statistic (`stats.<name>`), 0 if absent.
+    pub fn stat(&self, name: &str) -> u64 {
+        self.0
+            .get("stats")
+            .and_then(|s| s.get(name))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
+}
+
+/// `bpftool cgroup show DIR --json`: the programs the kernel has attached directly to `dir`.
+pub fn bpftool_cgroup_show(dir: &Path) -> Result<Vec<Value>> {
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["cgroup", "show"]).arg(dir).arg("--json");
+    let out = run_command(cmd, CLI_TIMEOUT)?.ok()?;
+    if out.stdout.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    match out.json()? {
+        Value::Array(items) => Ok(items),
+        other => Err(Error::Parse {
+            what: out.command,
+            detail: format!("not a JSON array: {other}"),
+        }),
+    }
+}

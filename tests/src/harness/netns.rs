@@ -1,0 +1,75 @@
+//! Sockets opened inside another network namespace from the test process itself.
+//!
+//! `setns(CLONE_NEWNET)` changes the namespace of the calling thread only, so a short-lived
+//! thread switches and opens the socket; the socket keeps its namespace after the thread exits
+//! and is then used from the caller's thread.
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::fd::AsRawFd,
+    thread,
+    time::Duration,
+};
+
+use super::{Error, Result, io_err};
+
+/// Connects to `addr` from inside the named netns (`/run/netns/<netns>`).
+pub fn tcp_connect_in_netns(netns: &str, addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let path = format!("/run/netns/{netns}");
+    let ns = File::open(&path).map_err(io_err(format!("open {path}")))?;
+    let connected = thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: plain syscall on a valid fd; it affects this short-lived thread only.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                TcpStream::connect_timeout(&addr, timeout)
+            })
+            .join()
+    });
+    match connected {
+        Ok(result) => result.map_err(io_err(format!("connect to {addr} in netns {netns}"))),
+        Err(_) => Err(Error::Io {
+            what: format!("connect to {addr} in netns {netns}"),
+            source: std::io::Error::other("connector thread panicked"),
+        }),
+    }
+}
+
+/// `GET path` over HTTP/1.0 inside the named netns; returns the status code and the body.
+pub fn http_get_in_netns(
+    netns: &str,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String)> {
+    let mut stream = tcp_connect_in_netns(netns, addr, timeout)?;
+    let what = || format!("GET http://{addr}{path} in netns {netns}");
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(io_err(what()))?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(io_err(what()))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(io_err(what()))?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).map_err(io_err(what()))?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| Error::Parse {
+            what: what(),
+            detail: format!("no status line in {head:?}"),
+        })?;
+    Ok((code, body.to_owned()))
+}

@@ -189,9 +189,10 @@ fn parse_candidates(policy: &str) -> BTreeMap<String, String> {
             current = line.strip_suffix(':');
         } else if let (Some(pkg), Some(version)) =
             (current, line.trim().strip_prefix("Candidate: "))
-            && version != "(none)"
         {
-            candidates.insert(pkg.to_owned(), version.to_owned());
+            if version != "(none)" {
+                candidates.insert(pkg.to_owned(), version.to_owned());
+            }
         }
     }
     candidates
@@ -247,9 +248,8 @@ fn bpf_linker() -> Result<()> {
     let version = ["bpf-linker".into(), bpf_linker_in_cargo_home()]
         .into_iter()
         .find_map(|program| cmd::output(Command::new(program).arg("--version")));
-    if let Some(version) = &version
-        && version.split_whitespace().nth(1) == Some(BPF_LINKER_VERSION)
-    {
+    let found = version.as_deref().and_then(|v| v.split_whitespace().nth(1));
+    if found == Some(BPF_LINKER_VERSION) {
         println!("  ok  bpf-linker {BPF_LINKER_VERSION}");
         return Ok(());
     }

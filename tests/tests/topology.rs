@@ -3,14 +3,7 @@
 
 mod common;
 
-use std::{
-    fs,
-    net::IpAddr,
-    os::unix::fs::MetadataExt,
-    path::Path,
-    thread,
-    time::Duration,
-};
+use std::{fs, net::IpAddr, os::unix::fs::MetadataExt, path::Path, thread, time::Duration};
 
 use common::{OK_TIMEOUT, assert_answered, dial, node, served_peer};
 use nodegate_tests::harness::{Node, NodeSpec, Place, TMP_ROOT};
@@ -22,21 +15,42 @@ fn assert_inside(node: &Node, place: &Place, pid: u32) {
         .strip_prefix(nodegate_tests::harness::CGROUP2_ROOT)
         .expect("cgroup under the v2 root");
     assert!(
-        cgroups.lines().any(|l| l == format!("0::/{}", rel.display())),
+        cgroups
+            .lines()
+            .any(|l| l == format!("0::/{}", rel.display())),
         "{} (pid {pid}) not in its cgroup {}: {cgroups}",
         place.name,
         rel.display()
     );
-    let ns = fs::metadata(format!("/proc/{pid}/ns/net")).expect("stat ns").ino();
-    let want = fs::metadata(format!("/run/netns/{}", place.netns)).expect("stat netns").ino();
-    assert_eq!(ns, want, "{} (pid {pid}) not in netns {}", place.name, place.netns);
+    let ns = fs::metadata(format!("/proc/{pid}/ns/net"))
+        .expect("stat ns")
+        .ino();
+    let want = fs::metadata(format!("/run/netns/{}", place.netns))
+        .expect("stat netns")
+        .ino();
+    assert_eq!(
+        ns, want,
+        "{} (pid {pid}) not in netns {}",
+        place.name, place.netns
+    );
     let _ = node;
 }
 
-fn assert_gone(footprint: &(Vec<String>, std::path::PathBuf, std::path::PathBuf, std::path::PathBuf), pids: &[u32]) {
+fn assert_gone(
+    footprint: &(
+        Vec<String>,
+        std::path::PathBuf,
+        std::path::PathBuf,
+        std::path::PathBuf,
+    ),
+    pids: &[u32],
+) {
     let (netns, cgroup, bpffs, _) = footprint;
     let listed = fs::read_dir("/run/netns")
-        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect::<Vec<_>>())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     for ns in netns {
         assert!(!listed.contains(ns), "netns {ns} left behind");
@@ -44,7 +58,10 @@ fn assert_gone(footprint: &(Vec<String>, std::path::PathBuf, std::path::PathBuf,
     assert!(!cgroup.exists(), "cgroup {} left behind", cgroup.display());
     assert!(!bpffs.exists(), "pin dir {} left behind", bpffs.display());
     for pid in pids {
-        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "process {pid} left running");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} left running"
+        );
     }
 }
 
@@ -64,21 +81,40 @@ fn pods_foreign_and_host_network_reach_each_other_without_a_gateway() {
         (node.hostnet(), b.v6(8080)),
         (node.node(), b.v4(8080)),
     ] {
-        let msg = format!("from-{}-{}", from.name, if target.is_ipv4() { 4 } else { 6 });
+        let msg = format!(
+            "from-{}-{}",
+            from.name,
+            if target.is_ipv4() { 4 } else { 6 }
+        );
         let r = dial(from, target, &msg, OK_TIMEOUT);
         assert_answered(&r, "b", &msg);
         // No NAT anywhere: the server sees the dialer's own address; the node's own processes
         // use the node IP (the route's `src`).
-        let peer = served_peer(&server.stdout(), &msg).unwrap_or_else(|| panic!("b saw no {msg}: {}", server.stdout()));
-        let want: IpAddr = if target.is_ipv4() { from.ipv4.into() } else { from.ipv6.into() };
+        let peer = served_peer(&server.stdout(), &msg)
+            .unwrap_or_else(|| panic!("b saw no {msg}: {}", server.stdout()));
+        let want: IpAddr = if target.is_ipv4() {
+            from.ipv4.into()
+        } else {
+            from.ipv6.into()
+        };
         assert_eq!(peer.ip(), want, "{msg}: source seen by b");
     }
 
     // The node and the host-network process share the node netns but not the cgroup.
-    let hostnet = node.hostnet().serve(7070, "h").expect("serve on host network");
+    let hostnet = node
+        .hostnet()
+        .serve(7070, "h")
+        .expect("serve on host network");
     assert_inside(&node, node.hostnet(), hostnet.pid());
-    assert!(node.hostnet().cgroup.starts_with(node.pods_cgroup()), "host-network process is under the hooked cgroup");
-    assert_answered(&dial(a, node.hostnet().v4(7070), "to-host", OK_TIMEOUT), "h", "to-host");
+    assert!(
+        node.hostnet().cgroup.starts_with(node.pods_cgroup()),
+        "host-network process is under the hooked cgroup"
+    );
+    assert_answered(
+        &dial(a, node.hostnet().v4(7070), "to-host", OK_TIMEOUT),
+        "h",
+        "to-host",
+    );
 
     // A VIP is routed nowhere until a gateway redirects it.
     let r = dial(a, node.vip_v4(10, 80), "vip", OK_TIMEOUT);
@@ -86,7 +122,13 @@ fn pods_foreign_and_host_network_reach_each_other_without_a_gateway() {
 
     // The harness's own HTTP client runs in the node netns: nothing listens on the admin port.
     assert!(
-        nodegate_tests::harness::http_get_in_netns(node.node_netns(), node.vip_v4(10, 80), "/", Duration::from_millis(300)).is_err()
+        nodegate_tests::harness::http_get_in_netns(
+            node.node_netns(),
+            node.vip_v4(10, 80),
+            "/",
+            Duration::from_millis(300)
+        )
+        .is_err()
     );
 
     let footprint = node.footprint();
@@ -94,7 +136,11 @@ fn pods_foreign_and_host_network_reach_each_other_without_a_gateway() {
     drop((server, hostnet));
     drop(node);
     assert_gone(&footprint, &pids);
-    assert!(!footprint.3.exists(), "temp dir {} left behind", footprint.3.display());
+    assert!(
+        !footprint.3.exists(),
+        "temp dir {} left behind",
+        footprint.3.display()
+    );
 }
 
 #[test]
@@ -102,8 +148,12 @@ fn curl_runs_inside_a_pod() {
     let node = node("topocurl", &["a", "b"]);
     let _server = node.pod("b").serve(8080, "b").expect("serve in pod b");
     let mut curl = std::process::Command::new("curl");
-    curl.args(["-sS", "--max-time", "3"]).arg(format!("http://{}/", node.pod("b").v4(8080)));
-    let out = node.pod("a").run(curl, Duration::from_secs(5)).expect("run curl");
+    curl.args(["-sS", "--max-time", "3"])
+        .arg(format!("http://{}/", node.pod("b").v4(8080)));
+    let out = node
+        .pod("a")
+        .run(curl, Duration::from_secs(5))
+        .expect("run curl");
     assert!(out.success(), "curl failed: {out:?}");
     assert_eq!(out.stdout, "hello from b");
 }
@@ -128,7 +178,10 @@ fn leftovers_of_a_killed_run_are_removed_first() {
     assert!(zombie_or_gone, "stale server {stale_pid} still running");
     assert!(!footprint.2.exists(), "stale pin dir kept");
     assert!(!footprint.3.join("stale").exists(), "stale temp dir kept");
-    let _server = node.pod("a").serve(8080, "a").expect("serve again on the same address");
+    let _server = node
+        .pod("a")
+        .serve(8080, "a")
+        .expect("serve again on the same address");
     let r = dial(node.foreign(), node.pod("a").v4(8080), "again", OK_TIMEOUT);
     assert_answered(&r, "a", "again");
 }
@@ -139,7 +192,8 @@ fn a_panicking_test_still_tears_everything_down() {
     let result = thread::spawn(move || {
         let node = node("topopanic", &["a"]);
         let server = node.pod("a").serve(8080, "a").expect("serve");
-        tx.send((node.footprint(), server.pid())).expect("send footprint");
+        tx.send((node.footprint(), server.pid()))
+            .expect("send footprint");
         panic!("deliberate panic with a node alive");
     })
     .join();

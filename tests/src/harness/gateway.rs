@@ -190,6 +190,19 @@ impl Node {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, self.index(), host)), port)
     }
 
+    /// `10.N.0.0/16`: the node IP, its pods and the foreign node.
+    pub fn cidr_v4(&self) -> String {
+        format!("{}/16", Ipv4Addr::new(10, self.index(), 0, 0))
+    }
+
+    /// `fd00:N::/32`: the node IP, its pods and the foreign node.
+    pub fn cidr_v6(&self) -> String {
+        format!(
+            "{}/32",
+            Ipv6Addr::new(0xfd00, self.index().into(), 0, 0, 0, 0, 0, 0)
+        )
+    }
+
     /// `[fd96:N::host]:port`.
     pub fn vip_v6(&self, host: u8, port: u16) -> SocketAddr {
         SocketAddr::new(

@@ -356,97 +356,106 @@ impl Node {
             .chain([FOREIGN])
             .collect();
         for name in linked {
-            let p = self.place(name);
-            let host_if = format!("v-{name}");
-            ip(&["netns", "add", &p.netns])?;
-            ip(&[
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                &p.netns,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &host_if,
-                "netns",
-                &node.netns,
-            ])?;
-            for (ns, dev, ll) in [
-                (&p.netns, "eth0", "fe80::2/64"),
-                (&node.netns, host_if.as_str(), "fe80::1/64"),
-            ] {
-                // No kernel-generated link-local (it would go through DAD); a fixed one instead.
-                ipn(ns, &["link", "set", dev, "addrgenmode", "none"])?;
-                ipn(ns, &["link", "set", dev, "up"])?;
-                ipn(ns, &["addr", "add", ll, "dev", dev, "nodad"])?;
-            }
-            ipn(&p.netns, &["link", "set", "lo", "up"])?;
-            ipn(
-                &p.netns,
-                &["addr", "add", &format!("{}/32", p.ipv4), "dev", "eth0"],
-            )?;
-            ipn(
-                &p.netns,
-                &[
-                    "addr",
-                    "add",
-                    &format!("{}/128", p.ipv6),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ],
-            )?;
-            ipn(
-                &p.netns,
-                &[
-                    "route",
-                    "add",
-                    &format!("{n4}/32"),
-                    "dev",
-                    "eth0",
-                    "scope",
-                    "link",
-                ],
-            )?;
-            ipn(
-                &p.netns,
-                &["route", "add", "default", "via", &n4, "dev", "eth0"],
-            )?;
-            ipn(
-                &p.netns,
-                &[
-                    "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
-                ],
-            )?;
-            // Node → place leaves with the node IP as source: the gateway's upstream source.
-            ipn(
-                &node.netns,
-                &[
-                    "route",
-                    "add",
-                    &format!("{}/32", p.ipv4),
-                    "dev",
-                    &host_if,
-                    "src",
-                    &n4,
-                ],
-            )?;
-            ipn(
-                &node.netns,
-                &[
-                    "-6",
-                    "route",
-                    "add",
-                    &format!("{}/128", p.ipv6),
-                    "dev",
-                    &host_if,
-                    "src",
-                    &n6,
-                ],
-            )?;
+            self.link(name)?;
         }
+        Ok(())
+    }
+
+    /// A netns for place `name`, linked to the node netns by a veth pair (`eth0` inside,
+    /// `v-<name>` on the node), addressed and routed both ways.
+    fn link(&self, name: &str) -> Result<()> {
+        let node = self.place(NODE);
+        let (n4, n6) = (node.ipv4.to_string(), node.ipv6.to_string());
+        let p = self.place(name);
+        let host_if = format!("v-{name}");
+        ip(&["netns", "add", &p.netns])?;
+        ip(&[
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &p.netns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &host_if,
+            "netns",
+            &node.netns,
+        ])?;
+        for (ns, dev, ll) in [
+            (&p.netns, "eth0", "fe80::2/64"),
+            (&node.netns, host_if.as_str(), "fe80::1/64"),
+        ] {
+            // No kernel-generated link-local (it would go through DAD); a fixed one instead.
+            ipn(ns, &["link", "set", dev, "addrgenmode", "none"])?;
+            ipn(ns, &["link", "set", dev, "up"])?;
+            ipn(ns, &["addr", "add", ll, "dev", dev, "nodad"])?;
+        }
+        ipn(&p.netns, &["link", "set", "lo", "up"])?;
+        ipn(
+            &p.netns,
+            &["addr", "add", &format!("{}/32", p.ipv4), "dev", "eth0"],
+        )?;
+        ipn(
+            &p.netns,
+            &[
+                "addr",
+                "add",
+                &format!("{}/128", p.ipv6),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        )?;
+        ipn(
+            &p.netns,
+            &[
+                "route",
+                "add",
+                &format!("{n4}/32"),
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ],
+        )?;
+        ipn(
+            &p.netns,
+            &["route", "add", "default", "via", &n4, "dev", "eth0"],
+        )?;
+        ipn(
+            &p.netns,
+            &[
+                "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+            ],
+        )?;
+        // Node → place leaves with the node IP as source: the gateway's upstream source.
+        ipn(
+            &node.netns,
+            &[
+                "route",
+                "add",
+                &format!("{}/32", p.ipv4),
+                "dev",
+                &host_if,
+                "src",
+                &n4,
+            ],
+        )?;
+        ipn(
+            &node.netns,
+            &[
+                "-6",
+                "route",
+                "add",
+                &format!("{}/128", p.ipv6),
+                "dev",
+                &host_if,
+                "src",
+                &n6,
+            ],
+        )?;
         Ok(())
     }
 

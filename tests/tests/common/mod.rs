@@ -37,13 +37,22 @@ pub fn dial(from: &Place, to: SocketAddr, msg: &str, timeout: Duration) -> PeerR
 #[track_caller]
 pub fn assert_answered(r: &PeerReply, server: &str, msg: &str) {
     assert!(r.ok, "expected an answer from {server}, got {}", r.raw);
-    assert_eq!(r.reply, format!("{server}:{msg}\n"), "reply of {server}: {}", r.raw);
+    assert_eq!(
+        r.reply,
+        format!("{server}:{msg}\n"),
+        "reply of {server}: {}",
+        r.raw
+    );
 }
 
 /// Asserts the connection attempt timed out (SYNs dropped).
 #[track_caller]
 pub fn assert_timed_out(r: &PeerReply) {
-    assert!(!r.connected && r.kind() == "timeout", "expected a connect timeout, got {}", r.raw);
+    assert!(
+        !r.connected && r.kind() == "timeout",
+        "expected a connect timeout, got {}",
+        r.raw
+    );
 }
 
 /// Asserts the connection was refused (RST to the SYN: ECONNREFUSED).
@@ -81,4 +90,138 @@ pub fn s<'a>(v: &'a Value, key: &str) -> &'a str {
 /// A field holding `ip:port`.
 pub fn addr(v: &Value, key: &str) -> Option<SocketAddr> {
     s(v, key).parse().ok()
+}
+
+use nodegate_tests::harness::{Counters, Gateway, GatewayConfig, Mode, ServiceConfig};
+
+/// `web`: VIPs `10.96.N.10:80` and `[fd96:N::10]:80`, endpoints pod b `:8080` (v4 and v6),
+/// sources allowed: the node's whole range.
+pub fn web(node: &Node, mode: Mode) -> ServiceConfig {
+    let b = node.pod("b");
+    ServiceConfig::new("web", mode)
+        .vip(node.vip_v4(10, 80))
+        .vip(node.vip_v6(10, 80))
+        .endpoint(b.v4(8080))
+        .endpoint(b.v6(8080))
+        .allow(&node.cidr_v4())
+        .allow(&node.cidr_v6())
+}
+
+/// The node's config with `services`.
+pub fn config(node: &Node, services: Vec<ServiceConfig>) -> GatewayConfig {
+    services
+        .into_iter()
+        .fold(node.gateway_config(), GatewayConfig::service)
+}
+
+/// Starts the gateway; panics with its stderr if it does not get ready.
+pub fn start(node: &Node, config: GatewayConfig) -> Gateway {
+    node.start_gateway(config)
+        .unwrap_or_else(|e| panic!("starting the gateway on {}: {e}", node.prefix()))
+}
+
+/// `gateway counters --json`; panics with the CLI's output on failure.
+pub fn counters(gw: &Gateway) -> Counters {
+    gw.counters()
+        .unwrap_or_else(|e| panic!("gateway counters: {e}"))
+}
+
+/// `gateway status --json`; panics with the CLI's output on failure.
+pub fn status(gw: &Gateway) -> Value {
+    gw.status()
+        .unwrap_or_else(|e| panic!("gateway status: {e}"))
+}
+
+/// The `connection` decision line of the connection whose client address is `src`.
+pub fn connection_line(gw: &Gateway, src: SocketAddr) -> Value {
+    gw.wait_decision(
+        &format!("for the connection from {src}"),
+        LOG_TIMEOUT,
+        |d| s(d, "kind") == "connection" && addr(d, "src") == Some(src),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Every `connection` line whose original destination is `dst`.
+pub fn connection_lines_to(gw: &Gateway, dst: SocketAddr) -> Vec<Value> {
+    gw.decisions()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .filter(|d| s(d, "kind") == "connection" && addr(d, "dst") == Some(dst))
+        .collect()
+}
+
+/// The first `bypass` line from source ip `src` to `dst` with `action`.
+pub fn bypass_line(gw: &Gateway, src: std::net::IpAddr, dst: SocketAddr, action: &str) -> Value {
+    gw.wait_decision(
+        &format!("bypass {src} -> {dst} {action}"),
+        LOG_TIMEOUT,
+        |d| {
+            s(d, "kind") == "bypass"
+                && addr(d, "src").map(|a| a.ip()) == Some(src)
+                && addr(d, "dst") == Some(dst)
+                && s(d, "action") == action
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Asserts a `connection` line says the proxy let `client` through to `upstream`.
+#[track_caller]
+pub fn assert_allowed(
+    line: &Value,
+    service: &str,
+    dst: SocketAddr,
+    client: &Place,
+    upstream: SocketAddr,
+) {
+    assert_eq!(s(line, "service"), service, "{line}");
+    assert_eq!(addr(line, "dst"), Some(dst), "original destination: {line}");
+    assert_eq!(s(line, "decision"), "allow", "{line}");
+    assert_eq!(s(line, "reason"), "source_allowed", "{line}");
+    assert_eq!(addr(line, "upstream"), Some(upstream), "{line}");
+    let cgroup_id = client.cgroup_id().expect("cgroup id");
+    assert_eq!(
+        line["cgroup_id"].as_u64(),
+        Some(cgroup_id),
+        "cgroup id of {}: {line}",
+        client.name
+    );
+    for field in [
+        "timestamp",
+        "node",
+        "mode",
+        "bytes_up",
+        "bytes_down",
+        "duration_ms",
+    ] {
+        assert!(line.get(field).is_some(), "`{field}` missing: {line}");
+    }
+}
+
+/// `curl http://target/` from `from`; returns (body, client address).
+pub fn curl(from: &Place, url: &str) -> (String, Option<SocketAddr>) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "-g",
+        "--max-time",
+        "5",
+        "-w",
+        "\n%{local_ip} %{local_port}",
+    ])
+    .arg(url);
+    let out = from
+        .run(cmd, Duration::from_secs(8))
+        .unwrap_or_else(|e| panic!("curl {url} from {}: {e}", from.name));
+    assert!(
+        out.success(),
+        "curl {url} from {} failed: {out:?}",
+        from.name
+    );
+    let (body, local) = out.stdout.rsplit_once('\n').unwrap_or((&out.stdout, ""));
+    let local = local
+        .split_once(' ')
+        .and_then(|(ip, port)| Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?)));
+    (body.to_owned(), local)
 }

@@ -1,0 +1,147 @@
+//! Bad configs: `gateway check-config` and `gateway run` exit 64 with a message naming the
+//! problem. Needs no root and no simulated node: nothing is loaded before the config parses.
+
+use std::{fs, path::PathBuf, process::Command, time::Duration};
+
+use nodegate_tests::harness::{Output, Tools, run_command};
+
+const EX_CONFIG: i32 = 64;
+
+const GOOD: &str = r#"node: sim-config
+cgroup: /sys/fs/cgroup/unified/ngconfig/pods
+bpffs: /sys/fs/bpf/ngconfig
+proxy: { listen: "10.7.0.1:15001", listen_v6: "[fd00:7::1]:15001" }
+admin: { listen: "127.0.0.1:15000" }
+gateways: ["10.7.0.1", "fd00:7::1"]
+services:
+  - { name: web, mode: enforce, vips: ["10.96.7.10:80", "[fd96:7::10]:80"], endpoints: ["10.7.1.11:8080"], allow_sources: ["10.7.0.0/16"] }
+"#;
+
+/// A scratch dir for this test process, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("nodegate-config-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("create scratch dir");
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        fs::write(&path, text).expect("write config");
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn gateway(args: &[&str], file: &PathBuf) -> Output {
+    let tools = Tools::from_env();
+    let bin = tools.require_gateway().unwrap_or_else(|e| panic!("{e}"));
+    let mut cmd = Command::new(bin);
+    cmd.args(args).arg(file);
+    run_command(cmd, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_good_config_checks_clean() {
+    let scratch = Scratch::new();
+    let file = scratch.write("good.yaml", GOOD);
+    let out = gateway(&["check-config"], &file);
+    assert_eq!(out.code(), Some(0), "check-config of a good file: {out:?}");
+}
+
+#[test]
+fn bad_configs_exit_64_naming_the_problem() {
+    let scratch = Scratch::new();
+    // (what is wrong, replace this, with this, any of these must appear in the message)
+    let cases: &[(&str, &str, &str, &[&str])] = &[
+        (
+            "an invalid VIP",
+            "10.96.7.10:80",
+            "10.96.7.300:80",
+            &["10.96.7.300"],
+        ),
+        (
+            "an unknown mode",
+            "mode: enforce",
+            "mode: block",
+            &["block", "mode"],
+        ),
+        (
+            "an invalid CIDR",
+            "10.7.0.0/16",
+            "10.7.0.0/33",
+            &["10.7.0.0/33"],
+        ),
+        (
+            "an endpoint without a port",
+            "10.7.1.11:8080",
+            "10.7.1.11",
+            &["10.7.1.11", "endpoints"],
+        ),
+        (
+            "an unknown field",
+            "gateways:",
+            "gateway_ips:",
+            &["gateway_ips"],
+        ),
+        (
+            "a proxy address that is not ip:port",
+            "10.7.0.1:15001",
+            "node-ip:15001",
+            &["node-ip", "listen"],
+        ),
+        (
+            "an IPv6 service without listen_v6",
+            r#", listen_v6: "[fd00:7::1]:15001""#,
+            "",
+            &["listen_v6"],
+        ),
+        (
+            "a duplicate service name",
+            "services:\n",
+            "services:\n  - { name: web, vips: [\"10.96.7.11:80\"], endpoints: [\"10.7.1.12:8080\"] }\n",
+            &["web", "duplicate"],
+        ),
+        (
+            "YAML that does not parse",
+            "services:",
+            "services: [",
+            &["line", "yaml", "YAML", "parse"],
+        ),
+    ];
+    for (i, (what, from, to, needles)) in cases.iter().enumerate() {
+        assert!(
+            GOOD.contains(from),
+            "case `{what}` does not apply to the base config"
+        );
+        let file = scratch.write(&format!("bad{i}.yaml"), &GOOD.replacen(from, to, 1));
+        for args in [&["check-config"][..], &["run", "--config"][..]] {
+            let out = gateway(args, &file);
+            assert!(
+                !out.timed_out(),
+                "`gateway {}` with {what} did not exit: {out:?}",
+                args.join(" ")
+            );
+            assert_eq!(
+                out.code(),
+                Some(EX_CONFIG),
+                "`gateway {}` with {what}: {out:?}",
+                args.join(" ")
+            );
+            let message = format!("{}{}", out.stderr, out.stdout);
+            assert!(
+                needles.iter().any(|n| message.contains(n)),
+                "`gateway {}` with {what}: message should name one of {needles:?}, got:\n{message}",
+                args.join(" ")
+            );
+            assert!(!message.contains("panicked"), "{what}: {message}");
+        }
+    }
+}

@@ -1,0 +1,402 @@
+//! The data path on a running gateway: redirect, enforcement, audit, L4 rule, IPv6.
+//! Every scenario checks the wire, the decision log and (where they move) the counters.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+
+use common::{
+    DROP_TIMEOUT, OK_TIMEOUT, assert_allowed, assert_answered, assert_timed_out, bypass_line,
+    config, connection_line, connection_lines_to, counters, curl, dial, node, s, served,
+    served_peer, start, web,
+};
+use nodegate_tests::harness::{Mode, PROXY_PORT, ServiceConfig};
+
+const NOT_FROM_GATEWAY: &str = "not_from_gateway";
+
+#[test]
+fn vip_reaches_the_backend_through_the_gateway() {
+    let node = node("vip", &["a", "b"]);
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    let backend = b.serve(8080, "b").expect("backend");
+    let gw = start(&node, config(&node, vec![web(&node, Mode::Enforce)]));
+    let vip = node.vip_v4(10, 80);
+
+    // HTTP with curl.
+    let (body, client) = curl(a, &format!("http://{vip}/"));
+    assert_eq!(body, "hello from b");
+    let client = client.expect("curl reports its local address");
+    assert_eq!(client.ip(), IpAddr::from(a.ipv4));
+    let line = connection_line(&gw, client);
+    assert_allowed(&line, "web", vip, a, b.v4(8080));
+    assert_eq!(s(&line, "mode"), "enforce");
+    assert!(
+        line["bytes_up"].as_u64() > Some(0) && line["bytes_down"].as_u64() > Some(0),
+        "{line}"
+    );
+
+    // Half-close: the backend answers only after EOF, which the proxy must forward.
+    let r = a
+        .connect_half_close(vip, "half-closed", OK_TIMEOUT)
+        .expect("ngpeer");
+    assert!(r.ok, "{}", r.raw);
+    assert_eq!(r.reply, "b:half-closed");
+    let client = r.local.expect("local address");
+    let line = connection_line(&gw, client);
+    assert_allowed(&line, "web", vip, a, b.v4(8080));
+    assert_eq!(line["bytes_up"].as_u64(), Some(11), "{line}");
+    assert_eq!(line["bytes_down"].as_u64(), Some(13), "{line}");
+    // Exactly one line per connection.
+    let lines = gw.decisions().expect("decisions");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|d| common::addr(d, "src") == Some(client))
+            .count(),
+        1
+    );
+
+    // The backend saw the gateway (node IP), never the pod.
+    let peer = served_peer(&backend.stdout(), "half-closed").expect("backend saw the connection");
+    assert_eq!(peer.ip(), IpAddr::from(node.ipv4()));
+
+    // Nothing of this is a bypass.
+    let c = counters(&gw);
+    for source in [a.ipv4.into(), node.ipv4().into()] {
+        let moved: u64 = ["dropped", "passed"]
+            .iter()
+            .map(|act| c.syns("web", source, NOT_FROM_GATEWAY, act))
+            .sum();
+        assert_eq!(moved, 0, "bypass counted for {source}: {:?}", c.0);
+    }
+}
+
+#[test]
+fn same_node_direct_pod_ip_connect_is_redirected() {
+    let node = node("direct", &["a", "b"]);
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    let backend = b.serve(8080, "b").expect("backend");
+    let gw = start(&node, config(&node, vec![web(&node, Mode::Enforce)]));
+
+    for (target, label) in [(b.v4(8080), "direct4"), (b.v6(8080), "direct6")] {
+        let r = dial(a, target, label, OK_TIMEOUT);
+        assert_answered(&r, "b", label);
+        let line = connection_line(&gw, r.local.expect("local address"));
+        assert_allowed(&line, "web", target, a, target);
+        let peer = served_peer(&backend.stdout(), label).expect("backend saw it");
+        let node_ip: IpAddr = if target.is_ipv4() {
+            node.ipv4().into()
+        } else {
+            node.ipv6().into()
+        };
+        assert_eq!(peer.ip(), node_ip, "{label} must arrive from the gateway");
+    }
+    let c = counters(&gw);
+    for source in [a.ipv4.into(), a.ipv6.into()] {
+        let moved: u64 = ["dropped", "passed"]
+            .iter()
+            .map(|act| c.syns("web", source, NOT_FROM_GATEWAY, act))
+            .sum();
+        assert_eq!(
+            moved, 0,
+            "a redirected connection is not a bypass ({source}): {:?}",
+            c.0
+        );
+    }
+    assert!(
+        !gw.decisions()
+            .expect("decisions")
+            .iter()
+            .any(|d| s(d, "kind") == "bypass"),
+        "no bypass line expected:\n{}",
+        gw.decision_text()
+    );
+}
+
+#[test]
+fn foreign_node_direct_connect_is_dropped_counted_and_logged() {
+    let node = node("foreign", &["a", "b"]);
+    let (b, foreign) = (node.pod("b"), node.foreign());
+    let backend = b.serve(8080, "b").expect("backend");
+    let gw = start(&node, config(&node, vec![web(&node, Mode::Enforce)]));
+
+    for (target, source) in [
+        (b.v4(8080), IpAddr::from(foreign.ipv4)),
+        (b.v6(8080), IpAddr::from(foreign.ipv6)),
+    ] {
+        let before = counters(&gw).syns("web", source, NOT_FROM_GATEWAY, "dropped");
+        let r = dial(foreign, target, "sneak", DROP_TIMEOUT);
+        assert_timed_out(&r);
+        let after = counters(&gw).syns("web", source, NOT_FROM_GATEWAY, "dropped");
+        assert!(
+            after > before,
+            "syns for (web, {source}, not_from_gateway, dropped): {before} -> {after}"
+        );
+        let line = bypass_line(&gw, source, target, "dropped");
+        assert_eq!(s(&line, "service"), "web", "{line}");
+        assert_eq!(s(&line, "reason"), NOT_FROM_GATEWAY, "{line}");
+        assert_eq!(s(&line, "mode"), "enforce", "{line}");
+        assert!(line.get("suppressed").is_some(), "{line}");
+    }
+    assert!(
+        served(&backend.stdout()).is_empty(),
+        "the backend must see nothing: {}",
+        backend.stdout()
+    );
+}
+
+#[test]
+fn audit_mode_lets_a_foreign_direct_connect_through_and_counts_it() {
+    let node = node("audit", &["a", "b"]);
+    let (a, b, foreign) = (node.pod("a"), node.pod("b"), node.foreign());
+    let backend = b.serve(8080, "b").expect("backend");
+    let gw = start(&node, config(&node, vec![web(&node, Mode::Audit)]));
+
+    for (target, source) in [
+        (b.v4(8080), IpAddr::from(foreign.ipv4)),
+        (b.v6(8080), IpAddr::from(foreign.ipv6)),
+    ] {
+        let r = dial(foreign, target, "audited", OK_TIMEOUT);
+        assert_answered(&r, "b", "audited");
+        let syns = counters(&gw).syns("web", source, NOT_FROM_GATEWAY, "passed");
+        assert!(
+            syns >= 1,
+            "syns for (web, {source}, not_from_gateway, passed): {syns}"
+        );
+        let line = bypass_line(&gw, source, target, "passed");
+        assert_eq!(s(&line, "mode"), "audit", "{line}");
+        assert_eq!(
+            counters(&gw).syns("web", source, NOT_FROM_GATEWAY, "dropped"),
+            0
+        );
+    }
+    let peers: Vec<_> = served(&backend.stdout())
+        .iter()
+        .filter_map(|v| common::addr(v, "peer"))
+        .collect();
+    assert!(
+        peers.iter().any(|p| p.ip() == IpAddr::from(foreign.ipv4)),
+        "backend saw {peers:?}"
+    );
+
+    // Pods still go through the proxy in audit mode.
+    let vip = node.vip_v4(10, 80);
+    let r = dial(a, vip, "via-vip", OK_TIMEOUT);
+    assert_answered(&r, "b", "via-vip");
+    let line = connection_line(&gw, r.local.expect("local"));
+    assert_eq!(s(&line, "mode"), "audit", "{line}");
+    assert_allowed(&line, "web", vip, a, b.v4(8080));
+}
+
+#[test]
+fn unprotected_traffic_is_untouched() {
+    let node = node("unprot", &["a", "b", "c"]);
+    let (a, b, c, foreign) = (node.pod("a"), node.pod("b"), node.pod("c"), node.foreign());
+    let _web = b.serve(8080, "b").expect("backend");
+    let other_port = b.serve(9090, "b9").expect("b's unprotected port");
+    let other_pod = c.serve(8080, "c").expect("pod not in any service");
+    let gw = start(&node, config(&node, vec![web(&node, Mode::Enforce)]));
+
+    let cases = [
+        (a, b.v4(9090), &other_port, "a-b9090"),
+        (a, b.v6(9090), &other_port, "a-b9090-6"),
+        (a, c.v4(8080), &other_pod, "a-c8080"),
+        (foreign, b.v4(9090), &other_port, "f-b9090"),
+        (foreign, c.v6(8080), &other_pod, "f-c8080-6"),
+        (node.hostnet(), c.v4(8080), &other_pod, "h-c8080"),
+    ];
+    for (from, target, server, label) in cases {
+        let r = dial(from, target, label, OK_TIMEOUT);
+        let name = if target.port() == 9090 { "b9" } else { "c" };
+        assert_answered(&r, name, label);
+        // Not proxied: the server sees the client itself.
+        let peer = served_peer(&server.stdout(), label).expect("server saw it");
+        assert_eq!(Some(peer), r.local, "{label}: peer seen by the server");
+        assert!(
+            connection_lines_to(&gw, target).is_empty(),
+            "{label}: unexpected decision line:\n{}",
+            gw.decision_text()
+        );
+    }
+    let c = counters(&gw);
+    assert!(
+        !c.rows().iter().any(|r| s(r, "source")
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip == IpAddr::from(foreign.ipv4) || ip == IpAddr::from(foreign.ipv6))),
+        "foreign traffic to unprotected ports counted: {:?}",
+        c.0
+    );
+    assert!(
+        gw.decision_text().trim().is_empty(),
+        "no decision lines expected:\n{}",
+        gw.decision_text()
+    );
+}
+
+#[test]
+fn host_network_process_in_the_hooked_cgroup_is_redirected() {
+    let node = node("hostnet", &["a", "b"]);
+    let (b, host) = (node.pod("b"), node.hostnet());
+    let backend = b.serve(8080, "b").expect("backend");
+    let gw = start(&node, config(&node, vec![web(&node, Mode::Enforce)]));
+
+    for (target, upstream) in [
+        (node.vip_v4(10, 80), b.v4(8080)),
+        (node.vip_v6(10, 80), b.v6(8080)),
+        (b.v4(8080), b.v4(8080)),
+    ] {
+        let label = format!("host-{target}");
+        let r = dial(host, target, &label, OK_TIMEOUT);
+        assert_answered(&r, "b", &label);
+        let client = r.local.expect("local");
+        assert!(
+            client.ip() == IpAddr::from(node.ipv4()) || client.ip() == IpAddr::from(node.ipv6())
+        );
+        let line = connection_line(&gw, client);
+        assert_allowed(&line, "web", target, host, upstream);
+    }
+    assert_eq!(served(&backend.stdout()).len(), 3);
+}
+
+#[test]
+fn ipv6_vip_direct_and_foreign() {
+    let node = node("ipv6", &["a", "b"]);
+    let (a, b, foreign) = (node.pod("a"), node.pod("b"), node.foreign());
+    let backend = b.serve(8080, "b").expect("backend");
+    let gw = start(&node, config(&node, vec![web(&node, Mode::Enforce)]));
+    let vip = node.vip_v6(10, 80);
+
+    let (body, client) = curl(a, &format!("http://{vip}/"));
+    assert_eq!(body, "hello from b");
+    let client = client.expect("curl local address");
+    assert_eq!(client.ip(), IpAddr::from(a.ipv6));
+    assert_allowed(&connection_line(&gw, client), "web", vip, a, b.v6(8080));
+
+    let r = a
+        .connect_half_close(vip, "six", OK_TIMEOUT)
+        .expect("ngpeer");
+    assert!(r.ok && r.reply == "b:six", "{}", r.raw);
+    assert_allowed(
+        &connection_line(&gw, r.local.expect("local")),
+        "web",
+        vip,
+        a,
+        b.v6(8080),
+    );
+    assert_eq!(
+        served_peer(&backend.stdout(), "six").map(|p| p.ip()),
+        Some(IpAddr::from(node.ipv6()))
+    );
+
+    let r = dial(a, b.v6(8080), "direct-six", OK_TIMEOUT);
+    assert_answered(&r, "b", "direct-six");
+    assert_allowed(
+        &connection_line(&gw, r.local.expect("local")),
+        "web",
+        b.v6(8080),
+        a,
+        b.v6(8080),
+    );
+
+    let r = dial(foreign, b.v6(8080), "foreign-six", DROP_TIMEOUT);
+    assert_timed_out(&r);
+    let source = IpAddr::from(foreign.ipv6);
+    assert!(counters(&gw).syns("web", source, NOT_FROM_GATEWAY, "dropped") >= 1);
+    bypass_line(&gw, source, b.v6(8080), "dropped");
+}
+
+#[test]
+fn l4_rule_allows_listed_sources_and_denies_the_rest() {
+    let node = node("l4", &["a", "b", "c"]);
+    let (a, b, c) = (node.pod("a"), node.pod("b"), node.pod("c"));
+    let backend = b.serve(8080, "b").expect("backend");
+    let only_a = ServiceConfig::new("web", Mode::Enforce)
+        .vip(node.vip_v4(10, 80))
+        .vip(node.vip_v6(10, 80))
+        .endpoint(b.v4(8080))
+        .endpoint(b.v6(8080))
+        .allow(&format!("{}/32", a.ipv4))
+        .allow(&format!("{}/128", a.ipv6));
+    let gw = start(&node, config(&node, vec![only_a]));
+
+    for vip in [node.vip_v4(10, 80), node.vip_v6(10, 80)] {
+        let r = dial(a, vip, "allowed", OK_TIMEOUT);
+        assert_answered(&r, "b", "allowed");
+        let upstream = if vip.is_ipv4() {
+            b.v4(8080)
+        } else {
+            b.v6(8080)
+        };
+        assert_allowed(
+            &connection_line(&gw, r.local.expect("local")),
+            "web",
+            vip,
+            a,
+            upstream,
+        );
+
+        let r = dial(c, vip, "denied", OK_TIMEOUT);
+        // The proxy accepted (the redirect is transparent), then closed without forwarding.
+        assert!(
+            r.reply.is_empty(),
+            "a denied connection must get no answer: {}",
+            r.raw
+        );
+        assert!(
+            r.ok || matches!(r.kind(), "reset" | "aborted"),
+            "denied connection must be closed: {}",
+            r.raw
+        );
+        let line = connection_line(&gw, r.local.expect("local"));
+        assert_eq!(s(&line, "decision"), "deny", "{line}");
+        assert_eq!(s(&line, "reason"), "source_not_allowed", "{line}");
+        assert_eq!(s(&line, "service"), "web", "{line}");
+        assert_eq!(common::addr(&line, "dst"), Some(vip), "{line}");
+        assert_eq!(
+            line["cgroup_id"].as_u64(),
+            Some(c.cgroup_id().expect("cgroup id")),
+            "{line}"
+        );
+    }
+    assert!(
+        served_peer(&backend.stdout(), "denied").is_none(),
+        "denied traffic reached the backend"
+    );
+}
+
+#[test]
+fn a_direct_dial_of_the_proxy_port_is_refused() {
+    let node = node("proxydial", &["a", "b"]);
+    let b = node.pod("b");
+    let backend = b.serve(8080, "b").expect("backend");
+    let gw = start(&node, config(&node, vec![web(&node, Mode::Enforce)]));
+
+    let proxy4 = SocketAddr::new(node.ipv4().into(), PROXY_PORT);
+    let proxy6 = SocketAddr::new(node.ipv6().into(), PROXY_PORT);
+    // Outside the hooked cgroup: the node's own processes and the foreign node.
+    for (from, target) in [
+        (node.node(), proxy4),
+        (node.node(), proxy6),
+        (node.foreign(), proxy4),
+    ] {
+        let label = format!("nodst-{}", from.name);
+        let r = dial(from, target, &label, OK_TIMEOUT);
+        assert!(
+            r.reply.is_empty(),
+            "{label}: the proxy must not forward: {}",
+            r.raw
+        );
+        let line = connection_line(&gw, r.local.expect("the proxy accepts before it refuses"));
+        assert_eq!(s(&line, "decision"), "deny", "{line}");
+        assert_eq!(s(&line, "reason"), "no_original_destination", "{line}");
+        assert!(
+            line.get("upstream").is_none_or(serde_json::Value::is_null),
+            "{line}"
+        );
+    }
+    assert!(
+        served(&backend.stdout()).is_empty(),
+        "nothing may reach the backend: {}",
+        backend.stdout()
+    );
+}

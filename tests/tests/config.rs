@@ -145,3 +145,40 @@ fn bad_configs_exit_64_naming_the_problem() {
         }
     }
 }
+
+#[test]
+fn the_harness_config_is_accepted() {
+    use nodegate_tests::harness::{GatewayConfig, Mode, ServiceConfig};
+    let scratch = Scratch::new();
+    let config = GatewayConfig {
+        node: "sim-config".to_owned(),
+        cgroup: "/sys/fs/cgroup/unified/ngconfig/pods".into(),
+        bpffs: "/sys/fs/bpf/ngconfig".into(),
+        proxy_v4: "10.7.0.1:15001".parse().expect("addr"),
+        proxy_v6: Some("[fd00:7::1]:15001".parse().expect("addr")),
+        admin: "127.0.0.1:15000".parse().expect("addr"),
+        gateways: vec![
+            "10.7.0.1".parse().expect("ip"),
+            "fd00:7::1".parse().expect("ip"),
+        ],
+        decisions_file: scratch.0.join("decisions.log"),
+        services: vec![
+            ServiceConfig::new("web", Mode::Enforce)
+                .vip("10.96.7.10:80".parse().expect("addr"))
+                .vip("[fd96:7::10]:80".parse().expect("addr"))
+                .endpoint("10.7.1.11:8080".parse().expect("addr"))
+                .endpoint("[fd00:7:1::b]:8080".parse().expect("addr"))
+                .allow("10.7.0.0/16")
+                .allow("fd00:7::/32"),
+            ServiceConfig::new("api", Mode::Audit).vip("10.96.7.20:80".parse().expect("addr")),
+        ],
+    };
+    let file = scratch.write("harness.yaml", &config.to_yaml());
+    let out = gateway(&["check-config"], &file);
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "check-config of the harness's config:\n{}\n{out:?}",
+        config.to_yaml()
+    );
+}

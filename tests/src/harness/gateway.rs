@@ -550,3 +550,74 @@ pub fn bpftool_cgroup_show(dir: &Path) -> Result<Vec<Value>> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> GatewayConfig {
+        GatewayConfig {
+            node: "sim-x".to_owned(),
+            cgroup: PathBuf::from("/sys/fs/cgroup/unified/ngx/pods"),
+            bpffs: PathBuf::from("/sys/fs/bpf/ngx"),
+            proxy_v4: "10.7.0.1:15001".parse().expect("addr"),
+            proxy_v6: Some("[fd00:7::1]:15001".parse().expect("addr")),
+            admin: "127.0.0.1:15000".parse().expect("addr"),
+            gateways: vec![
+                "10.7.0.1".parse().expect("ip"),
+                "fd00:7::1".parse().expect("ip"),
+            ],
+            decisions_file: PathBuf::from("/tmp/d.log"),
+            services: vec![
+                ServiceConfig::new("web", Mode::Enforce)
+                    .vip("10.96.7.10:80".parse().expect("addr"))
+                    .vip("[fd96:7::10]:80".parse().expect("addr"))
+                    .endpoint("10.7.1.11:8080".parse().expect("addr"))
+                    .allow("10.7.0.0/16"),
+            ],
+        }
+    }
+
+    #[test]
+    fn yaml_has_the_documented_shape() {
+        assert_eq!(
+            sample().to_yaml(),
+            r#"node: "sim-x"
+cgroup: "/sys/fs/cgroup/unified/ngx/pods"
+bpffs: "/sys/fs/bpf/ngx"
+proxy: { listen: "10.7.0.1:15001", listen_v6: "[fd00:7::1]:15001" }
+admin: { listen: "127.0.0.1:15000" }
+gateways: ["10.7.0.1", "fd00:7::1"]
+log: { decisions_file: "/tmp/d.log" }
+services:
+  - { name: "web", mode: "enforce", vips: ["10.96.7.10:80", "[fd96:7::10]:80"], endpoints: ["10.7.1.11:8080"], allow_sources: ["10.7.0.0/16"] }
+"#
+        );
+        let empty = sample().without_service("web");
+        assert!(empty.to_yaml().ends_with("services: []\n"));
+    }
+
+    #[test]
+    fn counters_sum_matching_rows_only() {
+        let c = Counters(serde_json::json!({
+            "bypass": [
+                {"service": "web", "source": "10.7.250.2", "reason": "not_from_gateway", "action": "dropped", "syns": 2, "packets": 3},
+                {"service": "web", "source": "10.7.250.2", "reason": "not_from_gateway", "action": "passed", "syns": 5, "packets": 5},
+                {"service": "web", "source": "fd00:7:250::2", "reason": "not_from_gateway", "action": "dropped", "syns": 7, "packets": 7},
+                {"service": "api", "source": "10.7.250.2", "reason": "not_from_gateway", "action": "dropped", "syns": 11, "packets": 11},
+            ],
+            "stats": {"connect_redirects": 4},
+        }));
+        let v4: IpAddr = "10.7.250.2".parse().expect("ip");
+        let v6: IpAddr = "fd00:7:250:0::2".parse().expect("ip");
+        assert_eq!(c.syns("web", v4, "not_from_gateway", "dropped"), 2);
+        assert_eq!(
+            c.sum("packets", "web", v4, "not_from_gateway", "dropped"),
+            3
+        );
+        assert_eq!(c.syns("web", v6, "not_from_gateway", "dropped"), 7);
+        assert_eq!(c.syns("db", v4, "not_from_gateway", "dropped"), 0);
+        assert_eq!(c.stat("connect_redirects"), 4);
+        assert_eq!(c.stat("missing"), 0);
+    }
+}

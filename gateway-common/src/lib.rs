@@ -12,6 +12,10 @@
 //! kernel's `bpf_sock_addr.user_ip6` / `bpf_sock_ops.local_ip6` expose).
 //! Ports are stored in HOST byte order.
 #![no_std]
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "explicit padding fields are public so both sides build fully initialised keys with struct literals"
+)]
 
 /// An IPv4-mapped or native IPv6 address: 16 bytes in network order.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -27,12 +31,14 @@ impl Addr {
 
     /// IPv4 address (raw `u32` in network order, as the kernel hands it out) to the mapped form.
     #[inline(always)]
+    #[expect(clippy::inline_always, reason = "used on the eBPF hot path, where every call should be inlined")]
     pub const fn from_v4_raw(ip: u32) -> Self {
         Self { words: [0, 0, Self::V4_MAPPED_WORD2, ip] }
     }
 
     /// True if this is an IPv4-mapped address.
     #[inline(always)]
+    #[expect(clippy::inline_always, reason = "used on the eBPF hot path, where every call should be inlined")]
     pub const fn is_v4(&self) -> bool {
         self.words[0] == 0 && self.words[1] == 0 && self.words[2] == Self::V4_MAPPED_WORD2
     }

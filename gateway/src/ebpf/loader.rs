@@ -1,0 +1,213 @@
+//! `Datapath::start`: environment checks, loading the embedded object with its maps pinned
+//! (or re-used) under the pin directory, and attaching the four programs through pinned links.
+
+use std::{
+    error::Error as StdError,
+    fs::File,
+    io,
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::MapError,
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
+        links::FdLink,
+    },
+};
+
+use super::{
+    EbpfError,
+    links::{self, Attached, Cgroup, Hook},
+    sys,
+};
+
+/// The eBPF object built by `gateway/build.rs` (aya-build) from `gateway-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));
+
+/// True if `err` or any of its sources is an `EPERM`/`EACCES`.
+pub fn is_permission_error(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// `bpffs` must be on a mounted bpffs: checked on the nearest existing ancestor (the
+/// directory itself is created afterwards), then the pin and links directories are created.
+pub fn prepare_bpffs(bpffs: &Path) -> Result<(), EbpfError> {
+    let mut probe: PathBuf = bpffs.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    match sys::fs_magic(&probe) {
+        Ok(sys::BPF_FS_MAGIC) => {}
+        Ok(_) => return Err(EbpfError::BpffsNotMounted { path: bpffs.to_path_buf() }),
+        Err(source) => {
+            return Err(EbpfError::Io { context: format!("statfs {}", probe.display()), source });
+        }
+    }
+    let links = links::links_dir(bpffs);
+    std::fs::create_dir_all(&links).map_err(|source| {
+        if source.kind() == io::ErrorKind::PermissionDenied {
+            EbpfError::NotPermitted { action: format!("creating {}", links.display()), source }
+        } else {
+            EbpfError::Io { context: format!("creating {}", links.display()), source }
+        }
+    })
+}
+
+/// Opens the cgroup v2 directory and returns it with its id (the directory's inode number:
+/// on cgroup2 that is the kernfs node id the kernel reports as cgroup id).
+pub fn open_cgroup(path: &Path) -> Result<(File, u64), EbpfError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(EbpfError::CgroupMissing { path: path.to_path_buf() });
+        }
+        Err(source) => {
+            return Err(EbpfError::Io { context: format!("stat {}", path.display()), source });
+        }
+    };
+    let magic = sys::fs_magic(path)
+        .map_err(|source| EbpfError::Io { context: format!("statfs {}", path.display()), source })?;
+    if !meta.is_dir() || magic != sys::CGROUP2_SUPER_MAGIC {
+        return Err(EbpfError::NotCgroup2 { path: path.to_path_buf() });
+    }
+    let file = File::open(path)
+        .map_err(|source| EbpfError::Io { context: format!("opening {}", path.display()), source })?;
+    Ok((file, meta.ino()))
+}
+
+/// Loads the object; maps are created and pinned under `bpffs`, or re-used if pinned.
+pub fn load_object(bpffs: &Path) -> Result<Ebpf, EbpfError> {
+    EbpfLoader::new().default_map_pin_directory(bpffs).load(OBJECT).map_err(|e| match e {
+        aya::EbpfError::MapError(MapError::IncompatiblePinnedMap { name, property, expected, actual }) => {
+            EbpfError::PinnedMapIncompatible { name, bpffs: bpffs.to_path_buf(), property, expected, actual }
+        }
+        e if is_permission_error(&e) => EbpfError::NotPermitted {
+            action: format!("creating or opening the pinned maps in {}", bpffs.display()),
+            source: io::Error::from_raw_os_error(libc::EPERM),
+        },
+        e => EbpfError::Load(e),
+    })
+}
+
+fn load_error(program: &'static str, e: ProgramError) -> EbpfError {
+    match e {
+        ProgramError::LoadError { io_error, verifier_log }
+            if !matches!(io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
+        {
+            EbpfError::VerifierRejected { program, log: format!("{verifier_log:?}"), source: io_error }
+        }
+        e if is_permission_error(&e) => EbpfError::NotPermitted {
+            action: format!("loading program {program}"),
+            source: io::Error::from_raw_os_error(libc::EPERM),
+        },
+        e => EbpfError::Program { context: format!("loading program {program}"), source: e },
+    }
+}
+
+fn attach_error(hook: Hook, cgroup: &Path) -> impl FnOnce(ProgramError) -> EbpfError {
+    move |e| {
+        let action = format!("attaching {} to {}", hook.name, cgroup.display());
+        if is_permission_error(&e) {
+            EbpfError::NotPermitted { action, source: io::Error::from_raw_os_error(libc::EPERM) }
+        } else {
+            EbpfError::Program { context: action, source: e }
+        }
+    }
+}
+
+fn to_fd_link<L>(hook: Hook, link: L) -> Result<FdLink, EbpfError>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    FdLink::try_from(link).map_err(|e| EbpfError::Program {
+        context: format!("{}: the kernel gave a legacy attachment instead of a link (needs Linux >= 5.7)", hook.name),
+        source: ProgramError::from(e),
+    })
+}
+
+fn missing(name: &'static str) -> EbpfError {
+    EbpfError::MissingFromObject { kind: "program", name }
+}
+
+/// The program `name` of the object as its concrete type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| missing(name))?
+        .try_into()
+        .map_err(|e| EbpfError::Program { context: format!("program {name}"), source: e })
+}
+
+/// Loads `$prog` (a `&mut` concrete program) and attaches it for `$hook` with `$attach`
+/// (an expression using `$prog` that returns aya's link id) unless its pinned link is re-used.
+macro_rules! load_and_attach {
+    ($hook:expr, $prog:ident, $bpffs:expr, $cgroup:expr, $attach:expr) => {{
+        let hook: Hook = $hook;
+        $prog.load().map_err(|e| load_error(hook.program, e))?;
+        let fd = $prog
+            .fd()
+            .map_err(|e| EbpfError::Program { context: hook.program.into(), source: e })?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| EbpfError::Io {
+                context: format!("duplicating the fd of {}", hook.program),
+                source,
+            })?;
+        let done = links::attach_or_update(hook, $bpffs, $cgroup, fd.as_fd(), || {
+            let id = $attach.map_err(attach_error(hook, $cgroup.path))?;
+            let link = $prog.take_link(id).map_err(attach_error(hook, $cgroup.path))?;
+            to_fd_link(hook, link)
+        })?;
+        (hook, done)
+    }};
+}
+
+/// Loads the four programs and attaches each through its pinned link.
+pub fn attach_all(
+    ebpf: &mut Ebpf,
+    bpffs: &Path,
+    cgroup: &Cgroup<'_>,
+) -> Result<Vec<(Hook, Attached)>, EbpfError> {
+    let mut out = Vec::with_capacity(links::HOOKS.len());
+    for hook in [links::CONNECT4, links::CONNECT6] {
+        let prog: &mut CgroupSockAddr = program(ebpf, hook.program)?;
+        out.push(load_and_attach!(hook, prog, bpffs, cgroup, prog.attach(cgroup.file, CgroupAttachMode::Single)));
+    }
+    let prog: &mut SockOps = program(ebpf, links::SOCKOPS.program)?;
+    out.push(load_and_attach!(links::SOCKOPS, prog, bpffs, cgroup, prog.attach(cgroup.file, CgroupAttachMode::Single)));
+    let prog: &mut CgroupSkb = program(ebpf, links::INGRESS.program)?;
+    out.push(load_and_attach!(
+        links::INGRESS,
+        prog,
+        bpffs,
+        cgroup,
+        prog.attach(cgroup.file, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+    ));
+    Ok(out)
+}
+
+/// Loads the object without attaching anything (tests run programs with `BPF_PROG_TEST_RUN`).
+#[cfg(test)]
+pub fn load_ingress_for_test(bpffs: &Path) -> Result<Ebpf, EbpfError> {
+    prepare_bpffs(bpffs)?;
+    let mut ebpf = load_object(bpffs)?;
+    let prog: &mut CgroupSkb = program(&mut ebpf, links::INGRESS.program)?;
+    prog.load().map_err(|e| load_error(links::INGRESS.program, e))?;
+    Ok(ebpf)
+}

@@ -60,6 +60,38 @@ fn run() -> DemoResult {
     let example = example_service(&example_path)?;
     println!("Nodegate demo: one simulated node, one gateway, three connection attempts.");
 
+    let node = build_node(&example)?;
+    let _server = node.pod(BACKEND).serve(example.endpoint_port, BACKEND)?;
+    let gateway = start_gateway(&node, &example, &example_path)?;
+    let demo = Demo {
+        node: &node,
+        gateway: &gateway,
+        example: &example,
+        endpoint: node.pod(BACKEND).v4(example.endpoint_port),
+        vip: example
+            .vips
+            .iter()
+            .copied()
+            .find(SocketAddr::is_ipv4)
+            .ok_or("the example's first service has no IPv4 VIP")?,
+    };
+    demo.allowed()?;
+    demo.denied()?;
+    demo.bypass()?;
+
+    step(6, "The decision log");
+    say(&format!(
+        "Every line as the gateway wrote it (stdout and log.decisions_file = {}):",
+        gateway.config().decisions_file.display()
+    ));
+    show(&gateway.decision_text());
+
+    clean_up(node, gateway)?;
+    println!("\nDone.");
+    Ok(())
+}
+
+fn build_node(example: &ExampleService) -> DemoResult<Node> {
     step(1, "Build a simulated node on this machine's kernel");
     let node = Node::new(
         NodeSpec::new("demo")
@@ -67,14 +99,9 @@ fn run() -> DemoResult {
             .pods(&[CLIENT, BACKEND])
             .tools(tools()?),
     )?;
-    let (client, backend, hostnet, foreign) = (
-        node.pod(CLIENT),
-        node.pod(BACKEND),
-        node.hostnet(),
-        node.foreign(),
-    );
+    let (client, backend) = (node.pod(CLIENT), node.pod(BACKEND));
     say(&format!(
-        "node `{}`: its own network namespace stands for the node's host network; the gateway runs there.",
+        "node `{}`: a network namespace stands for the node's host network; the gateway runs there.",
         node.prefix()
     ));
     say(&format!("  node IP            {}", node.ipv4()));
@@ -88,19 +115,24 @@ fn run() -> DemoResult {
     ));
     say(&format!(
         "  host-network proc  {}    runs in the node's network, like a hostNetwork pod",
-        hostnet.ipv4
+        node.hostnet().ipv4
     ));
     say(&format!(
         "  foreign node       {}  another node without a gateway, routed through this one",
-        foreign.ipv4
+        node.foreign().ipv4
     ));
     say(&format!(
         "Pods and the host-network process sit in cgroup {}, which the gateway hooks.",
         node.pods_cgroup().display()
     ));
-    let _server = backend.serve(example.endpoint_port, BACKEND)?;
-    let endpoint = backend.v4(example.endpoint_port);
+    Ok(node)
+}
 
+fn start_gateway(
+    node: &Node,
+    example: &ExampleService,
+    example_path: &Path,
+) -> DemoResult<Gateway> {
     step(2, "Start the gateway with the bundled example config");
     say(&format!(
         "From {}: service `{}` ({} mode), VIPs {}, allowed sources {}.",
@@ -110,14 +142,13 @@ fn run() -> DemoResult {
         join(&example.vips),
         example.allow_sources.join(", ")
     ));
-    say(
-        "Adapted to this node: its cgroup, pin directory, listeners and log file, and the service's",
-    );
+    say("Adapted to this node: its cgroup, pin directory, listeners and log file; the service's");
     say(&format!(
         "endpoints become pod `{BACKEND}`. The config the gateway runs with:"
     ));
+    let backend = node.pod(BACKEND);
     let mut service = ServiceConfig::new(&example.name, example.mode)
-        .endpoint(endpoint)
+        .endpoint(backend.v4(example.endpoint_port))
         .endpoint(backend.v6(example.endpoint_port));
     for vip in &example.vips {
         service = service.vip(*vip);
@@ -132,90 +163,108 @@ fn run() -> DemoResult {
         "`gateway run` is up (pid {}): programs attached, maps synced, /readyz answers 200.",
         gateway.pid()
     ));
-    let status = gateway.cli(&["status", "--bpffs", &node.bpffs().to_string_lossy()])?;
-    println!("\n  $ gateway status --bpffs {}", node.bpffs().display());
-    show(&status.stdout);
-
-    let vip = example
-        .vips
-        .iter()
-        .copied()
-        .find(SocketAddr::is_ipv4)
-        .ok_or("the example's first service has no IPv4 VIP")?;
-
-    step(3, "Allowed: a pod inside allow_sources calls the service");
-    say(&format!(
-        "Pod `{CLIENT}` ({}) is inside {}. Its connect() to the VIP {vip} is rewritten in the kernel",
-        client.ipv4,
-        example.allow_sources.join(", ")
-    ));
-    say("(cgroup/connect4) to the gateway's proxy, which recovers the original destination,");
-    say(&format!(
-        "applies the rule and forwards to pod `{BACKEND}`."
-    ));
-    let allowed = curl(client, &format!("http://{vip}/"))?;
-    let line = connection_line(&gateway, allowed.local)?;
-    show_decision(&line);
-    say(&format!(
-        "Dialing the pod IP {endpoint} directly from this node is redirected the same way (not a bypass):"
-    ));
-    let direct = curl(client, &format!("http://{endpoint}/"))?;
-    let line = connection_line(&gateway, direct.local)?;
-    show_decision(&line);
-
-    step(4, "Denied: a caller outside allow_sources");
-    say(&format!(
-        "The host-network process ({}) is redirected too, but its address is not in allow_sources:",
-        hostnet.ipv4
-    ));
-    say("the proxy closes the connection without ever connecting to the backend.");
-    let denied = curl(hostnet, &format!("http://{vip}/"))?;
-    let line = connection_line(&gateway, denied.local)?;
-    show_decision(&line);
-
-    step(
-        5,
-        "Bypass attempt: another node dials the backend pod directly",
-    );
-    say(&format!(
-        "The foreign node ({}) has no gateway; it sends its SYNs straight to {endpoint}.",
-        foreign.ipv4
-    ));
-    say("The cgroup_skb/ingress program drops every packet to a protected endpoint that does not");
-    say("come from a gateway address, and counts it per service, source and reason.");
     let bpffs = node.bpffs().to_string_lossy().into_owned();
-    let syns = |gw: &Gateway| -> DemoResult<u64> {
-        Ok(gw.counters()?.syns(
-            &example.name,
-            IpAddr::V4(foreign.ipv4),
-            REASON_BYPASS,
-            ACTION_DROPPED,
-        ))
-    };
-    let before = syns(&gateway)?;
-    println!("\n  counters before:\n  $ gateway counters --bpffs {bpffs}");
-    show(&gateway.cli(&["counters", "--bpffs", &bpffs])?.stdout);
-    curl(foreign, &format!("http://{endpoint}/"))?;
-    let line = gateway.wait_decision("for the bypass from the foreign node", LOG_WAIT, |d| {
-        field(d, "kind") == "bypass" && field(d, "src").starts_with(&foreign.ipv4.to_string())
-    })?;
-    let after = syns(&gateway)?;
-    println!("\n  counters after:\n  $ gateway counters --bpffs {bpffs}");
-    show(&gateway.cli(&["counters", "--bpffs", &bpffs])?.stdout);
-    say(&format!(
-        "SYNs from {} to `{}` dropped and counted: {before} -> {after} (each retransmit is an attempt).",
-        foreign.ipv4, example.name
-    ));
-    show_decision(&line);
+    println!("\n  $ gateway status --bpffs {bpffs}");
+    show(&gateway.cli(&["status", "--bpffs", &bpffs])?.stdout);
+    Ok(gateway)
+}
 
-    step(6, "The decision log");
-    say(&format!(
-        "Every line as the gateway wrote it (stdout and log.decisions_file = {}):",
-        gateway.config().decisions_file.display()
-    ));
-    show(&gateway.decision_text());
+/// The running demo: the node, its gateway and the addresses the steps use.
+struct Demo<'a> {
+    node: &'a Node,
+    gateway: &'a Gateway,
+    example: &'a ExampleService,
+    /// The backend pod's IPv4 endpoint.
+    endpoint: SocketAddr,
+    /// The service's IPv4 VIP.
+    vip: SocketAddr,
+}
 
+impl Demo<'_> {
+    fn allowed(&self) -> DemoResult {
+        step(3, "Allowed: a pod inside allow_sources calls the service");
+        let client = self.node.pod(CLIENT);
+        say(&format!(
+            "Pod `{CLIENT}` ({}) is inside {}. Its connect() to the VIP {} is rewritten in the",
+            client.ipv4,
+            self.example.allow_sources.join(", "),
+            self.vip
+        ));
+        say("kernel (cgroup/connect4) to the gateway's proxy, which recovers the original");
+        say(&format!(
+            "destination, applies the rule and forwards to pod `{BACKEND}`."
+        ));
+        let allowed = curl(client, &format!("http://{}/", self.vip))?;
+        show_decision(&connection_line(self.gateway, allowed.local)?);
+        say(&format!(
+            "Dialing the pod IP {} directly from this node is redirected the same way (not a bypass):",
+            self.endpoint
+        ));
+        let direct = curl(client, &format!("http://{}/", self.endpoint))?;
+        show_decision(&connection_line(self.gateway, direct.local)?);
+        Ok(())
+    }
+
+    fn denied(&self) -> DemoResult {
+        step(4, "Denied: a caller outside allow_sources");
+        let hostnet = self.node.hostnet();
+        say(&format!(
+            "The host-network process ({}) is redirected too, but its address is not in allow_sources:",
+            hostnet.ipv4
+        ));
+        say("the proxy closes the connection without ever connecting to the backend.");
+        let denied = curl(hostnet, &format!("http://{}/", self.vip))?;
+        show_decision(&connection_line(self.gateway, denied.local)?);
+        Ok(())
+    }
+
+    fn bypass(&self) -> DemoResult {
+        step(
+            5,
+            "Bypass attempt: another node dials the backend pod directly",
+        );
+        let foreign = self.node.foreign();
+        say(&format!(
+            "The foreign node ({}) has no gateway; it sends its SYNs straight to {}.",
+            foreign.ipv4, self.endpoint
+        ));
+        say("The cgroup_skb/ingress program drops every packet to a protected endpoint that does");
+        say("not come from a gateway address, and counts it per service, source and reason.");
+        let bpffs = self.node.bpffs().to_string_lossy().into_owned();
+        let syns = || -> DemoResult<u64> {
+            Ok(self.gateway.counters()?.syns(
+                &self.example.name,
+                IpAddr::V4(foreign.ipv4),
+                REASON_BYPASS,
+                ACTION_DROPPED,
+            ))
+        };
+        let before = syns()?;
+        println!("\n  counters before:\n  $ gateway counters --bpffs {bpffs}");
+        show(&self.gateway.cli(&["counters", "--bpffs", &bpffs])?.stdout);
+        curl(foreign, &format!("http://{}/", self.endpoint))?;
+        let source = foreign.ipv4.to_string();
+        let line =
+            self.gateway
+                .wait_decision("for the bypass from the foreign node", LOG_WAIT, |d| {
+                    field(d, "kind") == "bypass" && field(d, "src").starts_with(&source)
+                })?;
+        let after = syns()?;
+        println!("\n  counters after:\n  $ gateway counters --bpffs {bpffs}");
+        show(&self.gateway.cli(&["counters", "--bpffs", &bpffs])?.stdout);
+        say(&format!(
+            "SYNs from {} to `{}` dropped and counted: {before} -> {after} (every retransmit is an attempt).",
+            foreign.ipv4, self.example.name
+        ));
+        show_decision(&line);
+        Ok(())
+    }
+}
+
+/// Stops and detaches the gateway, removes the node, and checks that nothing is left.
+fn clean_up(node: Node, gateway: Gateway) -> DemoResult {
     step(7, "Clean up");
+    let bpffs = node.bpffs().to_string_lossy().into_owned();
     let footprint = node.footprint();
     gateway.stop(Duration::from_secs(10));
     say("Stopped the gateway (SIGTERM). Its programs stay attached through the pinned links");
@@ -239,7 +288,6 @@ fn run() -> DemoResult {
         "Removed {} network namespaces, the cgroups, the pin directory and the temp files.",
         netns.len()
     ));
-    println!("\nDone.");
     Ok(())
 }
 

@@ -143,12 +143,14 @@ fn parse_ipv4(ctx: &SkBuffContext) -> Option<Packet> {
     if ihl < 20 {
         return None;
     }
+    // Bytes 4..8: id, flags + fragment offset (13 bits); a non-first fragment has no TCP
+    // header.
     let b1 = h[1].to_ne_bytes();
-    // Fragment offset (13 bits): a non-first fragment has no TCP header.
     if u16::from_be_bytes([b1[2], b1[3]]) & 0x1fff != 0 {
         return None;
     }
-    if b1[1] != IPPROTO_TCP {
+    // Bytes 8..12: ttl, protocol, checksum.
+    if h[2].to_ne_bytes()[1] != IPPROTO_TCP {
         return None;
     }
     parse_tcp(ctx, ihl, Addr::from_v4_raw(h[3]), Addr::from_v4_raw(h[4]))

@@ -162,10 +162,6 @@ fn ingress_drops_counts_and_reports_bypasses() {
     let syn_len = u64::try_from(20 + syn.len()).unwrap();
 
     // Foreign SYN to a protected endpoint: dropped, counted, one event.
-    let r = run(&ebpf, &ipv4("10.9.9.9:50000", "10.1.2.2:8080", 6, 0, &syn));
-    let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(ebpf.map("NG_STATS").unwrap()).unwrap();
-    for i in 0..8u32 { eprintln!("DEBUG stat {i} = {}", stats.get(&i, 0).unwrap().iter().sum::<u64>()); }
-    eprintln!("DEBUG r={r} pkt={:02x?}", ipv4("10.9.9.9:50000", "10.1.2.2:8080", 6, 0, &syn));
     assert_eq!(run(&ebpf, &ipv4("10.9.9.9:50000", "10.1.2.2:8080", 6, 0, &syn)), 0);
     assert_eq!(bypass(&ebpf, 7, ACTION_DROPPED, "10.9.9.9"), Some((1, 1, syn_len)));
     // Its retransmit is another attempt; a non-SYN segment is a packet, not an attempt.

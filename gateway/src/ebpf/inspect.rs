@@ -208,6 +208,13 @@ pub fn detach(bpffs: &Path) -> Result<DetachReport, EbpfError> {
     }
     let links_dir = links::links_dir(bpffs);
     for hook in HOOKS {
+        // A replacement link left by a start that died between pinning and renaming.
+        let tmp = links_dir.join(links::replacement_name(hook));
+        if let Err(e) = std::fs::remove_file(&tmp)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            return Err(remove_err(&tmp, e));
+        }
         let path = links_dir.join(hook.name);
         if !path.exists() {
             continue;
@@ -221,12 +228,6 @@ pub fn detach(bpffs: &Path) -> Result<DetachReport, EbpfError> {
             Ok(()) => report.links_removed.push(hook.name.to_owned()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(source) => return Err(remove_err(&path, source)),
-        }
-        let tmp = links_dir.join(format!(".{}.new", hook.name));
-        if let Err(e) = std::fs::remove_file(&tmp)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            return Err(remove_err(&tmp, e));
         }
     }
     remove_dir_if_empty(&links_dir)?;

@@ -5,7 +5,7 @@
 //! - pinned and targeting the configured cgroup with the expected attach type →
 //!   `BPF_LINK_UPDATE` the new program into it (never a second attachment);
 //! - pinned but targeting another (or a removed) cgroup → attach a new link, pin it under a
-//!   temporary name and `rename(2)` it over the old pin, so the path always names a link; the
+//!   temporary name (`<name>_new`) and `rename(2)` it over the old pin, so the path always names a link; the
 //!   old link detaches when its last reference (our fd) closes;
 //! - not pinned → attach and pin.
 
@@ -102,7 +102,7 @@ pub fn attach_or_update(
     }
     // Replace: the new link is attached before the old one goes, so the cgroup is never
     // unprotected in between.
-    let tmp = dir.join(format!(".{}.new", hook.name));
+    let tmp = dir.join(replacement_name(hook));
     remove_stale(&tmp)?;
     let link = attach()?;
     pin(link, &tmp)?;
@@ -113,6 +113,11 @@ pub fn attach_or_update(
     drop(old);
     let link_id = pinned_link_id(&path)?;
     Ok(Attached::Replaced { link_id, old_cgroup_id: info.cgroup_id })
+}
+
+/// Temporary pin name of a replacement link (bpffs rejects names with a dot).
+pub fn replacement_name(hook: Hook) -> String {
+    format!("{}_new", hook.name)
 }
 
 fn pin(link: FdLink, path: &Path) -> Result<(), EbpfError> {

@@ -57,6 +57,11 @@ pub fn prepare_bpffs(bpffs: &Path) -> Result<(), EbpfError> {
             return Err(EbpfError::Io { context: format!("statfs {}", probe.display()), source });
         }
     }
+    // bpffs reserves names with a dot (`bpf_lookup` answers EPERM), which would otherwise
+    // look like missing privileges.
+    if bpffs.strip_prefix(&probe).is_ok_and(|rest| rest.to_string_lossy().contains('.')) {
+        return Err(EbpfError::BpffsName { path: bpffs.to_path_buf() });
+    }
     let links = links::links_dir(bpffs);
     std::fs::create_dir_all(&links).map_err(|source| {
         if source.kind() == io::ErrorKind::PermissionDenied {
@@ -105,8 +110,11 @@ pub fn load_object(bpffs: &Path) -> Result<Ebpf, EbpfError> {
 
 fn load_error(program: &'static str, e: ProgramError) -> EbpfError {
     match e {
+        // The verifier reports most rejections as EACCES (or EPERM, EINVAL) *with* a log;
+        // missing privileges fail before it runs, with an empty log.
         ProgramError::LoadError { io_error, verifier_log }
-            if !matches!(io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
+            if !format!("{verifier_log:?}").trim().is_empty()
+                || !matches!(io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
         {
             EbpfError::VerifierRejected { program, log: format!("{verifier_log:?}"), source: io_error }
         }

@@ -42,6 +42,11 @@ pub enum EbpfError {
     BpffsNotMounted { path: PathBuf },
 
     #[error(
+        "bpffs directory {path}: names on bpffs cannot contain '.': choose a pin directory without dots"
+    )]
+    BpffsName { path: PathBuf },
+
+    #[error(
         "cgroup directory {path} does not exist: create it (`mkdir -p {path}`) or set `cgroup` to an \
          existing cgroup v2 directory"
     )]

@@ -246,3 +246,187 @@ fn counters_and_detach_read_the_pins() {
     assert_eq!(inspect::detach(&dir.0).unwrap(), inspect::DetachReport::default());
     assert!(matches!(inspect::counters(&dir.0), Err(super::EbpfError::NotPinned { .. })));
 }
+
+/// A cgroup v2 directory `ng-k-unit-<pid>-<n>` under the cgroup2 mount, removed on drop.
+struct CgroupDir(PathBuf);
+
+impl CgroupDir {
+    fn new() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let root = cgroup2_root();
+        remove_leftover_cgroups(&root);
+        let dir = root.join(format!(
+            "ng-k-unit-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e} (needs root)", dir.display()));
+        Self(dir)
+    }
+}
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir(&self.0) {
+            eprintln!("removing {}: {e}", self.0.display());
+        }
+    }
+}
+
+fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fs) = (f.next()?, f.next()?, f.next()?);
+            (fs == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .next()
+        .expect("this test needs a cgroup2 mount (mount -t cgroup2 none /sys/fs/cgroup)")
+}
+
+fn remove_leftover_cgroups(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("ng-k-unit-")) else { continue };
+        let Some(pid) = rest.split('-').next() else { continue };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
+}
+
+/// Runs `bash -c script` as a child moved into `cgroup` before it execs.
+fn spawn_in_cgroup(cgroup: &Path, script: &str) -> std::process::Child {
+    use std::os::unix::process::CommandExt as _;
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes()).unwrap();
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg("-c").arg(script).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+            libc::close(fd);
+            if ok { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        });
+    }
+    cmd.spawn().expect("spawn bash in the test cgroup")
+}
+
+/// Accepts one connection within 5 s.
+fn accept(listener: &std::net::TcpListener) -> (std::net::TcpStream, SocketAddr) {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match listener.accept() {
+            Ok(c) => return c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("no redirected connection reached the proxy: {e}"),
+        }
+    }
+}
+
+#[test]
+fn datapath_redirects_records_and_reuses_links() {
+    use std::{io::Write as _, os::unix::fs::MetadataExt as _};
+
+    use super::{Datapath, DatapathOptions, DesiredService, DesiredState, Mode};
+
+    let pins = PinDir::new();
+    let cgroup = CgroupDir::new();
+    let cgroup_id = std::fs::metadata(&cgroup.0).unwrap().ino();
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let Ok(SocketAddr::V4(proxy_addr)) = proxy.local_addr() else { panic!("v4 listener") };
+    let opts = DatapathOptions { cgroup: cgroup.0.clone(), bpffs: pins.0.clone() };
+
+    let mut dp = Datapath::start(&opts).expect("start the datapath");
+    let first: Vec<_> = dp.links().to_vec();
+    assert_eq!(first.iter().map(|l| (l.name, l.how)).collect::<Vec<_>>(), [
+        ("connect4", "created"),
+        ("connect6", "created"),
+        ("sockops", "created"),
+        ("ingress", "created")
+    ]);
+    assert_eq!(dp.cgroup_id(), cgroup_id);
+    let desired = DesiredState {
+        proxy_v4: Some(proxy_addr),
+        proxy_v6: None,
+        mark: 0x4e47,
+        gateways: vec!["127.0.0.1".parse().unwrap()],
+        services: vec![DesiredService {
+            id: 7,
+            name: "web".into(),
+            mode: Mode::Enforce,
+            vips: vec![sa("10.255.77.1:80"), sa("[fd00:ff::1]:80")],
+            endpoints: vec![],
+        }],
+    };
+    let report = dp.sync(&desired).unwrap();
+    assert_eq!((report.dests_added, report.gateways_added), (2, 1));
+    assert_eq!(dp.sync(&desired).unwrap(), super::SyncReport::default(), "a second sync changes nothing");
+
+    // IPv4 socket → VIP: redirected to the proxy, original destination found by peer address.
+    // Then a dual-stack socket dialing the v4-mapped VIP: caught by connect6.
+    for host in ["10.255.77.1", "::ffff:10.255.77.1"] {
+        let mut child = spawn_in_cgroup(&cgroup.0, &format!("exec 3<>/dev/tcp/{host}/80 && cat <&3"));
+        let (mut conn, peer) = accept(&proxy);
+        let orig = dp.orig_dst().take(peer).unwrap_or_else(|| panic!("no NG_ORIG entry for {peer} ({host})"));
+        assert_eq!(orig.dst, sa("10.255.77.1:80"), "{host}");
+        assert_eq!((orig.service_id, orig.cgroup_id, orig.pid), (7, cgroup_id, child.id()), "{host}");
+        assert_eq!(dp.orig_dst().take(peer), None, "take removes the entry");
+        conn.write_all(b"hello\n").unwrap();
+        drop(conn);
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n", "{host}");
+    }
+
+    // No IPv6 proxy configured: a connect to the IPv6 VIP fails closed (EPERM).
+    let out = spawn_in_cgroup(&cgroup.0, "exec 3<>/dev/tcp/fd00:ff::1/80").wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not permitted"), "{out:?}");
+
+    // Removing the service removes its destinations and keeps its name.
+    let report = dp.sync(&DesiredState { services: vec![], ..desired.clone() }).unwrap();
+    assert_eq!(report.dests_removed, 2);
+    let status = inspect::status(&pins.0).unwrap();
+    assert_eq!(status.services.len(), 1);
+    assert!(status.services[0].removed);
+    assert!(status.destinations.is_empty());
+    assert_eq!(status.proxy_v4, Some(proxy_addr));
+    let counters = inspect::counters(&pins.0).unwrap();
+    let refused: Vec<_> = counters.bypass.iter().map(|r| (r.service.as_str(), r.reason, r.syns)).collect();
+    assert_eq!(refused, [("web", "no_proxy", 1)]);
+    assert_eq!(counters.stats.get("connect_redirects"), Some(&2));
+    assert_eq!(counters.stats.get("sockops_recorded"), Some(&2));
+    drop(dp);
+
+    // Restart: the same four links get the new programs (no second attachment).
+    let dp = Datapath::start(&opts).expect("restart the datapath");
+    for (before, after) in first.iter().zip(dp.links()) {
+        assert_eq!((after.name, after.how, after.link_id), (before.name, "updated", before.link_id));
+    }
+    let status = inspect::status(&pins.0).unwrap();
+    for link in &status.links {
+        assert!(link.pinned, "{}", link.name);
+        assert_eq!(link.cgroup_id, Some(cgroup_id), "{}", link.name);
+        assert!(link.prog_name.as_deref().is_some_and(|n| n.starts_with("ng_")), "{link:?}");
+    }
+    drop(dp);
+
+    // Another cgroup: the pinned links are replaced, not added to.
+    let other = CgroupDir::new();
+    let dp = Datapath::start(&DatapathOptions { cgroup: other.0.clone(), bpffs: pins.0.clone() }).unwrap();
+    assert!(dp.links().iter().all(|l| l.how == "replaced"), "{:?}", dp.links());
+    drop(dp);
+    let report = inspect::detach(&pins.0).unwrap();
+    assert_eq!(report.links_removed, ["connect4", "connect6", "sockops", "ingress"]);
+}

@@ -31,14 +31,22 @@ impl Addr {
 
     /// IPv4 address (raw `u32` in network order, as the kernel hands it out) to the mapped form.
     #[inline(always)]
-    #[expect(clippy::inline_always, reason = "used on the eBPF hot path, where every call should be inlined")]
+    #[expect(
+        clippy::inline_always,
+        reason = "used on the eBPF hot path, where every call should be inlined"
+    )]
     pub const fn from_v4_raw(ip: u32) -> Self {
-        Self { words: [0, 0, Self::V4_MAPPED_WORD2, ip] }
+        Self {
+            words: [0, 0, Self::V4_MAPPED_WORD2, ip],
+        }
     }
 
     /// True if this is an IPv4-mapped address.
     #[inline(always)]
-    #[expect(clippy::inline_always, reason = "used on the eBPF hot path, where every call should be inlined")]
+    #[expect(
+        clippy::inline_always,
+        reason = "used on the eBPF hot path, where every call should be inlined"
+    )]
     pub const fn is_v4(&self) -> bool {
         self.words[0] == 0 && self.words[1] == 0 && self.words[2] == Self::V4_MAPPED_WORD2
     }

@@ -66,7 +66,11 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     stat_inc(STAT_CONNECT_CALLS);
     let ip = unsafe { (*sa).user_ip4 };
     let port = user_port(sa);
-    let key = DestKey { addr: Addr::from_v4_raw(ip), port, _pad: 0 };
+    let key = DestKey {
+        addr: Addr::from_v4_raw(ip),
+        port,
+        _pad: 0,
+    };
     // The only cost for an unprotected destination: one hash lookup.
     let Some(dest) = (unsafe { NG_DESTS.get(&key) }).copied() else {
         return Ok(ALLOW);
@@ -107,7 +111,11 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     // An IPv4 destination dialed from a dual-stack socket (`::ffff:a.b.c.d`) is exactly the
     // key of the IPv4 entry (IPv4 is stored mapped), so it is caught here: connect4 never
     // runs for it.
-    let key = DestKey { addr: Addr { words }, port, _pad: 0 };
+    let key = DestKey {
+        addr: Addr { words },
+        port,
+        _pad: 0,
+    };
     let Some(dest) = (unsafe { NG_DESTS.get(&key) }).copied() else {
         return Ok(ALLOW);
     };
@@ -142,7 +150,10 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
 fn user_port(sa: *mut bpf_sock_addr) -> u16 {
     // SAFETY: see `try_connect4`.
     let raw = unsafe { core::ptr::read_volatile(&raw const (*sa).user_port) };
-    #[expect(clippy::cast_possible_truncation, reason = "the port is the low 16 bits")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the port is the low 16 bits"
+    )]
     u16::from_be(raw as u16)
 }
 
@@ -210,7 +221,11 @@ fn refuse(dest: &DestValue) -> i32 {
         // SAFETY: this CPU's slot of a per-CPU hash value.
         unsafe { (*c).syns += 1 };
     } else {
-        let one = BypassCount { syns: 1, packets: 0, bytes: 0 };
+        let one = BypassCount {
+            syns: 1,
+            packets: 0,
+            bytes: 0,
+        };
         let _ = NG_BYPASS.insert(&key, &one, u64::from(BPF_NOEXIST));
     }
     REFUSE

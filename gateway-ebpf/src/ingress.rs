@@ -20,16 +20,15 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_NOEXIST, __sk_buff},
+    bindings::{__sk_buff, BPF_NOEXIST},
     helpers::bpf_ktime_get_ns,
     macros::{cgroup_skb, map},
     maps::{HashMap, PerCpuHashMap, RingBuf},
     programs::SkBuffContext,
 };
 use gateway_common::{
-    ACTION_DROPPED, ACTION_PASSED, Addr, BypassCount, BypassEvent, BypassKey, DestKey,
-    MODE_AUDIT, REASON_NOT_FROM_GATEWAY, STAT_INGRESS_DROPS, STAT_INGRESS_PACKETS,
-    STAT_RINGBUF_FULL,
+    ACTION_DROPPED, ACTION_PASSED, Addr, BypassCount, BypassEvent, BypassKey, DestKey, MODE_AUDIT,
+    REASON_NOT_FROM_GATEWAY, STAT_INGRESS_DROPS, STAT_INGRESS_PACKETS, STAT_RINGBUF_FULL,
 };
 
 use crate::maps::{NG_DESTS, stat_inc};
@@ -88,9 +87,15 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     // SAFETY: the program's context; `protocol` (the ethertype in network order) and
     // `ifindex` are readable 4-byte fields of `__sk_buff` in cgroup_skb programs.
     let (proto, ifindex) = unsafe {
-        (core::ptr::read_volatile(&raw const (*skb).protocol), core::ptr::read_volatile(&raw const (*skb).ifindex))
+        (
+            core::ptr::read_volatile(&raw const (*skb).protocol),
+            core::ptr::read_volatile(&raw const (*skb).ifindex),
+        )
     };
-    #[expect(clippy::cast_possible_truncation, reason = "the ethertype is the low 16 bits")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the ethertype is the low 16 bits"
+    )]
     let proto = u16::from_be(proto as u16);
     let packet = match proto {
         ETH_P_IP => parse_ipv4(ctx),
@@ -100,7 +105,11 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     let Some(p) = packet else {
         return Ok(PASS);
     };
-    let key = DestKey { addr: p.dst, port: p.dst_port, _pad: 0 };
+    let key = DestKey {
+        addr: p.dst,
+        port: p.dst_port,
+        _pad: 0,
+    };
     // SAFETY: values are copied out at once.
     let Some(dest) = (unsafe { NG_DESTS.get(&key) }).copied() else {
         return Ok(PASS);
@@ -115,7 +124,11 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     let bkey = BypassKey {
         service_id: dest.service_id,
         reason: REASON_NOT_FROM_GATEWAY,
-        action: if enforce { ACTION_DROPPED } else { ACTION_PASSED },
+        action: if enforce {
+            ACTION_DROPPED
+        } else {
+            ACTION_PASSED
+        },
         _pad: 0,
         src: p.src,
     };
@@ -163,8 +176,12 @@ fn parse_ipv6(ctx: &SkBuffContext) -> Option<Packet> {
     if h[0].to_ne_bytes()[0] >> 4 != 6 {
         return None;
     }
-    let src = Addr { words: [h[2], h[3], h[4], h[5]] };
-    let dst = Addr { words: [h[6], h[7], h[8], h[9]] };
+    let src = Addr {
+        words: [h[2], h[3], h[4], h[5]],
+    };
+    let dst = Addr {
+        words: [h[6], h[7], h[8], h[9]],
+    };
     let mut next = h[1].to_ne_bytes()[2];
     let mut off = 40usize;
     for _ in 0..MAX_IPV6_EXT_HDRS {
@@ -216,10 +233,17 @@ fn count(key: &BypassKey, syn: bool, bytes: u64) {
     if add(key, syns, bytes) {
         return;
     }
-    let first = BypassCount { syns, packets: 1, bytes };
+    let first = BypassCount {
+        syns,
+        packets: 1,
+        bytes,
+    };
     // A concurrent first packet on another CPU may have created the key in between (EEXIST):
     // add to our slot of that entry instead. A full map loses the count (the drop stands).
-    if NG_BYPASS.insert(key, &first, u64::from(BPF_NOEXIST)).is_err() {
+    if NG_BYPASS
+        .insert(key, &first, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
         add(key, syns, bytes);
     }
 }

@@ -41,4 +41,3 @@ pub fn stat_inc(idx: u32) {
         unsafe { *p += 1 };
     }
 }
-

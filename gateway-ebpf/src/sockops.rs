@@ -51,11 +51,27 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<u32, u32> {
     // or moved. Reading `local_ip6` of an AF_INET socket is valid (it reads `sock_common`).
     // SAFETY: the program's context; 4-byte reads of fields readable in sock_ops (the
     // verifier rejects wider ones, so `local_ip6` is read word by word).
-    let (ip4, ip6) = unsafe { (core::ptr::read_volatile(&raw const (*ops).local_ip4), local_ip6(ops)) };
-    let addr = if ctx.family() == AF_INET { Addr::from_v4_raw(ip4) } else { Addr { words: ip6 } };
-    #[expect(clippy::cast_possible_truncation, reason = "local_port is a port in host order")]
+    let (ip4, ip6) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ops).local_ip4),
+            local_ip6(ops),
+        )
+    };
+    let addr = if ctx.family() == AF_INET {
+        Addr::from_v4_raw(ip4)
+    } else {
+        Addr { words: ip6 }
+    };
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "local_port is a port in host order"
+    )]
     let port = ctx.local_port() as u16;
-    let key = SockKey { addr, port, _pad: 0 };
+    let key = SockKey {
+        addr,
+        port,
+        _pad: 0,
+    };
     if NG_ORIG.insert(&key, &orig, u64::from(BPF_ANY)).is_ok() {
         stat_inc(STAT_SOCKOPS_RECORDED);
     } else {

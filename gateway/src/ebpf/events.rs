@@ -21,10 +21,12 @@ impl BypassEvents {
         }
         // SAFETY: `RingBuf<MapData>` owns the map's fd and mappings for its whole life and
         // `as_raw_fd` always returns that same fd; the `AsyncFd` owns the `RingBuf`.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(|e| EbpfError::Io {
-                context: "registering the bypass event ring buffer with tokio".into(),
-                source: e.into_parts().1,
+        let ring =
+            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
+                EbpfError::Io {
+                    context: "registering the bypass event ring buffer with tokio".into(),
+                    source: e.into_parts().1,
+                }
             })?;
         Ok(Self { ring, malformed: 0 })
     }
@@ -32,10 +34,14 @@ impl BypassEvents {
     /// Wait for the next batch of events (never empty unless the stream ended).
     pub async fn next_batch(&mut self) -> Result<Vec<BypassEvent>, EbpfError> {
         loop {
-            let mut guard = self.ring.readable_mut().await.map_err(|source| EbpfError::Io {
-                context: "waiting on the bypass event ring buffer".into(),
-                source,
-            })?;
+            let mut guard = self
+                .ring
+                .readable_mut()
+                .await
+                .map_err(|source| EbpfError::Io {
+                    context: "waiting on the bypass event ring buffer".into(),
+                    source,
+                })?;
             // Clear readiness *before* draining: the kernel only wakes a consumer that has
             // caught up, so a record submitted after the drain must leave us ready again.
             guard.clear_ready();
@@ -66,7 +72,8 @@ pub fn decode(bytes: &[u8]) -> Option<BypassEvent> {
     }
     // SAFETY: at least `size_of::<BypassEvent>()` readable bytes; `read_unaligned` copes
     // with any alignment and the type is `Pod` (every bit pattern is valid).
-    let raw = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<gateway_common::BypassEvent>()) };
+    let raw =
+        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<gateway_common::BypassEvent>()) };
     Some(BypassEvent {
         service_id: raw.service_id,
         src: maps::socket_from_addr(&raw.src, raw.src_port),
@@ -102,18 +109,32 @@ mod tests {
         };
         // SAFETY: plain `#[repr(C)]` value without padding viewed as bytes.
         unsafe {
-            std::slice::from_raw_parts(std::ptr::from_ref(&e).cast::<u8>(), size_of_val(&e)).to_vec()
+            std::slice::from_raw_parts(std::ptr::from_ref(&e).cast::<u8>(), size_of_val(&e))
+                .to_vec()
         }
     }
 
     #[test]
     fn decodes_v4_and_v6_events() {
-        let e = decode(&raw_event("10.1.250.2:50122", "10.1.2.2:8080", ACTION_DROPPED)).unwrap();
+        let e = decode(&raw_event(
+            "10.1.250.2:50122",
+            "10.1.2.2:8080",
+            ACTION_DROPPED,
+        ))
+        .unwrap();
         assert_eq!(e.src, "10.1.250.2:50122".parse::<SocketAddr>().unwrap());
         assert_eq!(e.dst, "10.1.2.2:8080".parse::<SocketAddr>().unwrap());
-        assert_eq!((e.service_id, e.reason, e.action, e.ts_ns), (7, "not_from_gateway", "dropped", 42));
+        assert_eq!(
+            (e.service_id, e.reason, e.action, e.ts_ns),
+            (7, "not_from_gateway", "dropped", 42)
+        );
 
-        let e = decode(&raw_event("[fd00::250:2]:1", "[fd00::2:2]:8080", ACTION_PASSED)).unwrap();
+        let e = decode(&raw_event(
+            "[fd00::250:2]:1",
+            "[fd00::2:2]:8080",
+            ACTION_PASSED,
+        ))
+        .unwrap();
         assert_eq!(e.src, "[fd00::250:2]:1".parse::<SocketAddr>().unwrap());
         assert_eq!(e.action, "passed");
     }

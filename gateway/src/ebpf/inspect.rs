@@ -2,28 +2,26 @@
 //! Everything is opened from the pins (`MapData::from_pin`, `BPF_OBJ_GET`), never from a
 //! running gateway.
 
-use std::{
-    collections::BTreeMap,
-    io,
-    net::IpAddr,
-    os::fd::AsFd as _,
-    path::Path,
-};
+use std::{collections::BTreeMap, io, net::IpAddr, os::fd::AsFd as _, path::Path};
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
     programs::links::PinnedLink,
 };
-use gateway_common::{Addr, BypassCount, BypassKey, DestKey, DestValue, OrigDst, ProxyConfig, ServiceMeta, SockKey};
+use gateway_common::{
+    Addr, BypassCount, BypassKey, DestKey, DestValue, OrigDst, ProxyConfig, ServiceMeta, SockKey,
+};
 
 use super::{
     EbpfError, Mode,
     links::{self, HOOKS},
     loader::is_permission_error,
-    maps::{self, NG_BYPASS, NG_DESTS, NG_GATEWAYS, NG_ORIG, NG_PENDING, NG_PROXY, NG_SERVICE_META, NG_STATS},
+    maps::{
+        self, NG_BYPASS, NG_DESTS, NG_GATEWAYS, NG_ORIG, NG_PENDING, NG_PROXY, NG_SERVICE_META,
+        NG_STATS,
+    },
     sys,
 };
-
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct CounterRow {
@@ -86,8 +84,6 @@ pub struct Status {
     pub map_entries: BTreeMap<&'static str, u64>,
 }
 
-
-
 /// What `detach` removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DetachReport {
@@ -103,7 +99,11 @@ pub fn counters(bpffs: &Path) -> Result<Counters, EbpfError> {
     for entry in bypass.iter().take(ITER_CAP) {
         let (key, per_cpu) = entry.map_err(read_err(NG_BYPASS))?;
         let (syns, packets, bytes) = per_cpu.iter().fold((0u64, 0u64, 0u64), |acc, c| {
-            (acc.0.wrapping_add(c.syns), acc.1.wrapping_add(c.packets), acc.2.wrapping_add(c.bytes))
+            (
+                acc.0.wrapping_add(c.syns),
+                acc.1.wrapping_add(c.packets),
+                acc.2.wrapping_add(c.bytes),
+            )
         });
         rows.push(CounterRow {
             service: service_label(&names, key.service_id),
@@ -125,15 +125,23 @@ pub fn counters(bpffs: &Path) -> Result<Counters, EbpfError> {
         let per_cpu = stats_map.get(&idx, 0).map_err(read_err(NG_STATS))?;
         stats.insert(name, per_cpu.iter().fold(0u64, |a, v| a.wrapping_add(*v)));
     }
-    Ok(Counters { bypass: rows, stats })
+    Ok(Counters {
+        bypass: rows,
+        stats,
+    })
 }
 
 /// Links, protected entries, services and modes from the pins.
 pub fn status(bpffs: &Path) -> Result<Status, EbpfError> {
     if !bpffs.exists() {
-        return Err(EbpfError::NotPinned { path: bpffs.to_path_buf() });
+        return Err(EbpfError::NotPinned {
+            path: bpffs.to_path_buf(),
+        });
     }
-    let links = HOOKS.iter().map(|hook| link_status(bpffs, hook.name)).collect();
+    let links = HOOKS
+        .iter()
+        .map(|hook| link_status(bpffs, hook.name))
+        .collect();
     let meta: HashMap<MapData, u32, ServiceMeta> = open(bpffs, NG_SERVICE_META)?;
     let mut services = Vec::new();
     let mut names = BTreeMap::new();
@@ -141,7 +149,12 @@ pub fn status(bpffs: &Path) -> Result<Status, EbpfError> {
         let (id, m) = entry.map_err(read_err(NG_SERVICE_META))?;
         let name = maps::service_name(&m);
         names.insert(id, name.clone());
-        services.push(ServiceStatus { id, name, mode: maps::mode_from_code(m.mode), removed: m.removed != 0 });
+        services.push(ServiceStatus {
+            id,
+            name,
+            mode: maps::mode_from_code(m.mode),
+            removed: m.removed != 0,
+        });
     }
     services.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
 
@@ -170,7 +183,11 @@ pub fn status(bpffs: &Path) -> Result<Status, EbpfError> {
 
     let proxy: Array<MapData, ProxyConfig> = open(bpffs, NG_PROXY)?;
     let cfg = proxy.get(&0, 0).map_err(read_err(NG_PROXY))?;
-    let (proxy_v4, proxy_v6) = if cfg.ready == 0 { (None, None) } else { maps::proxy_addrs(&cfg) };
+    let (proxy_v4, proxy_v6) = if cfg.ready == 0 {
+        (None, None)
+    } else {
+        maps::proxy_addrs(&cfg)
+    };
 
     let mut map_entries = BTreeMap::new();
     map_entries.insert(NG_DESTS, destinations.len() as u64);
@@ -178,11 +195,17 @@ pub fn status(bpffs: &Path) -> Result<Status, EbpfError> {
     map_entries.insert(NG_SERVICE_META, services.len() as u64);
     map_entries.insert(NG_PROXY, u64::from(cfg.ready != 0));
     let pending: HashMap<MapData, u64, OrigDst> = open(bpffs, NG_PENDING)?;
-    map_entries.insert(NG_PENDING, count(pending.keys()).map_err(read_err(NG_PENDING))?);
+    map_entries.insert(
+        NG_PENDING,
+        count(pending.keys()).map_err(read_err(NG_PENDING))?,
+    );
     let orig: HashMap<MapData, SockKey, OrigDst> = open(bpffs, NG_ORIG)?;
     map_entries.insert(NG_ORIG, count(orig.keys()).map_err(read_err(NG_ORIG))?);
     let bypass: PerCpuHashMap<MapData, BypassKey, BypassCount> = open(bpffs, NG_BYPASS)?;
-    map_entries.insert(NG_BYPASS, count(bypass.keys()).map_err(read_err(NG_BYPASS))?);
+    map_entries.insert(
+        NG_BYPASS,
+        count(bypass.keys()).map_err(read_err(NG_BYPASS))?,
+    );
 
     Ok(Status {
         bpffs: bpffs.to_path_buf(),
@@ -257,7 +280,10 @@ fn count<K: aya::Pod>(keys: aya::maps::MapKeys<'_, K>) -> Result<u64, MapError> 
 }
 
 fn read_err(map: &'static str) -> impl FnOnce(MapError) -> EbpfError {
-    move |source| EbpfError::Map { context: format!("reading pinned map {map}"), source }
+    move |source| EbpfError::Map {
+        context: format!("reading pinned map {map}"),
+        source,
+    }
 }
 
 fn remove_err(path: &Path, source: io::Error) -> EbpfError {
@@ -265,7 +291,10 @@ fn remove_err(path: &Path, source: io::Error) -> EbpfError {
     if source.kind() == io::ErrorKind::PermissionDenied {
         EbpfError::NotPermitted { action, source }
     } else {
-        EbpfError::Io { context: action, source }
+        EbpfError::Io {
+            context: action,
+            source,
+        }
     }
 }
 
@@ -290,20 +319,30 @@ where
     let path = bpffs.join(name);
     let data = MapData::from_pin(&path).map_err(|e| {
         if not_found(&e) {
-            EbpfError::NotPinned { path: bpffs.to_path_buf() }
+            EbpfError::NotPinned {
+                path: bpffs.to_path_buf(),
+            }
         } else if is_permission_error(&e) {
             EbpfError::NotPermitted {
                 action: format!("opening {}", path.display()),
                 source: io::Error::from_raw_os_error(libc::EPERM),
             }
         } else {
-            EbpfError::Map { context: format!("opening {}", path.display()), source: e }
+            EbpfError::Map {
+                context: format!("opening {}", path.display()),
+                source: e,
+            }
         }
     })?;
-    let map = Map::from_map_data(data)
-        .map_err(|source| EbpfError::Map { context: format!("opening {}", path.display()), source })?;
+    let map = Map::from_map_data(data).map_err(|source| EbpfError::Map {
+        context: format!("opening {}", path.display()),
+        source,
+    })?;
     T::try_from(map).map_err(|source| EbpfError::Map {
-        context: format!("{} does not have the layout of this gateway version (run `gateway detach`)", path.display()),
+        context: format!(
+            "{} does not have the layout of this gateway version (run `gateway detach`)",
+            path.display()
+        ),
         source,
     })
 }
@@ -326,11 +365,18 @@ fn service_names(bpffs: &Path) -> BTreeMap<u32, String> {
     let Ok(meta) = open::<HashMap<MapData, u32, ServiceMeta>>(bpffs, NG_SERVICE_META) else {
         return BTreeMap::new();
     };
-    meta.iter().take(ITER_CAP).filter_map(Result::ok).map(|(id, m)| (id, maps::service_name(&m))).collect()
+    meta.iter()
+        .take(ITER_CAP)
+        .filter_map(Result::ok)
+        .map(|(id, m)| (id, maps::service_name(&m)))
+        .collect()
 }
 
 fn service_label(names: &BTreeMap<u32, String>, id: u32) -> String {
-    names.get(&id).cloned().unwrap_or_else(|| format!("id:{id}"))
+    names
+        .get(&id)
+        .cloned()
+        .unwrap_or_else(|| format!("id:{id}"))
 }
 
 fn link_status(bpffs: &Path, name: &str) -> LinkStatus {

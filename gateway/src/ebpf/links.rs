@@ -30,14 +30,26 @@ pub struct Hook {
     pub attach_type: u32,
 }
 
-pub const CONNECT4: Hook =
-    Hook { name: "connect4", program: "ng_connect4", attach_type: sys::attach::CGROUP_INET4_CONNECT };
-pub const CONNECT6: Hook =
-    Hook { name: "connect6", program: "ng_connect6", attach_type: sys::attach::CGROUP_INET6_CONNECT };
-pub const SOCKOPS: Hook =
-    Hook { name: "sockops", program: "ng_sockops", attach_type: sys::attach::CGROUP_SOCK_OPS };
-pub const INGRESS: Hook =
-    Hook { name: "ingress", program: "ng_ingress", attach_type: sys::attach::CGROUP_INET_INGRESS };
+pub const CONNECT4: Hook = Hook {
+    name: "connect4",
+    program: "ng_connect4",
+    attach_type: sys::attach::CGROUP_INET4_CONNECT,
+};
+pub const CONNECT6: Hook = Hook {
+    name: "connect6",
+    program: "ng_connect6",
+    attach_type: sys::attach::CGROUP_INET6_CONNECT,
+};
+pub const SOCKOPS: Hook = Hook {
+    name: "sockops",
+    program: "ng_sockops",
+    attach_type: sys::attach::CGROUP_SOCK_OPS,
+};
+pub const INGRESS: Hook = Hook {
+    name: "ingress",
+    program: "ng_ingress",
+    attach_type: sys::attach::CGROUP_INET_INGRESS,
+};
 
 pub const HOOKS: [Hook; 4] = [CONNECT4, CONNECT6, SOCKOPS, INGRESS];
 
@@ -88,8 +100,10 @@ pub fn attach_or_update(
         let link_id = pinned_link_id(&path)?;
         return Ok(Attached::Created { link_id });
     };
-    let info = sys::link_info(old.as_fd())
-        .map_err(|source| EbpfError::PinnedLink { path: path.clone(), source })?;
+    let info = sys::link_info(old.as_fd()).map_err(|source| EbpfError::PinnedLink {
+        path: path.clone(),
+        source,
+    })?;
     if info.link_type == sys::LINK_TYPE_CGROUP
         && info.cgroup_id == cgroup.id
         && info.attach_type == hook.attach_type
@@ -98,7 +112,10 @@ pub fn attach_or_update(
             context: format!("BPF_LINK_UPDATE of the pinned link {}", path.display()),
             source,
         })?;
-        return Ok(Attached::Updated { link_id: info.id, old_prog_id: info.prog_id });
+        return Ok(Attached::Updated {
+            link_id: info.id,
+            old_prog_id: info.prog_id,
+        });
     }
     // Replace: the new link is attached before the old one goes, so the cgroup is never
     // unprotected in between.
@@ -107,12 +124,19 @@ pub fn attach_or_update(
     let link = attach()?;
     pin(link, &tmp)?;
     std::fs::rename(&tmp, &path).map_err(|source| EbpfError::Io {
-        context: format!("replacing the pinned link {} (rename from {})", path.display(), tmp.display()),
+        context: format!(
+            "replacing the pinned link {} (rename from {})",
+            path.display(),
+            tmp.display()
+        ),
         source,
     })?;
     drop(old);
     let link_id = pinned_link_id(&path)?;
-    Ok(Attached::Replaced { link_id, old_cgroup_id: info.cgroup_id })
+    Ok(Attached::Replaced {
+        link_id,
+        old_cgroup_id: info.cgroup_id,
+    })
 }
 
 /// Temporary pin name of a replacement link (bpffs rejects names with a dot).
@@ -128,11 +152,16 @@ fn pin(link: FdLink, path: &Path) -> Result<(), EbpfError> {
 }
 
 fn pinned_link_id(path: &Path) -> Result<u32, EbpfError> {
-    let fd = sys::obj_get(path)
-        .map_err(|source| EbpfError::PinnedLink { path: path.to_path_buf(), source })?;
+    let fd = sys::obj_get(path).map_err(|source| EbpfError::PinnedLink {
+        path: path.to_path_buf(),
+        source,
+    })?;
     sys::link_info(fd.as_fd())
         .map(|i| i.id)
-        .map_err(|source| EbpfError::PinnedLink { path: path.to_path_buf(), source })
+        .map_err(|source| EbpfError::PinnedLink {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 fn remove_stale(path: &Path) -> Result<(), EbpfError> {

@@ -52,22 +52,40 @@ pub fn prepare_bpffs(bpffs: &Path) -> Result<(), EbpfError> {
     }
     match sys::fs_magic(&probe) {
         Ok(sys::BPF_FS_MAGIC) => {}
-        Ok(_) => return Err(EbpfError::BpffsNotMounted { path: bpffs.to_path_buf() }),
+        Ok(_) => {
+            return Err(EbpfError::BpffsNotMounted {
+                path: bpffs.to_path_buf(),
+            });
+        }
         Err(source) => {
-            return Err(EbpfError::Io { context: format!("statfs {}", probe.display()), source });
+            return Err(EbpfError::Io {
+                context: format!("statfs {}", probe.display()),
+                source,
+            });
         }
     }
     // bpffs reserves names with a dot (`bpf_lookup` answers EPERM), which would otherwise
     // look like missing privileges.
-    if bpffs.strip_prefix(&probe).is_ok_and(|rest| rest.to_string_lossy().contains('.')) {
-        return Err(EbpfError::BpffsName { path: bpffs.to_path_buf() });
+    if bpffs
+        .strip_prefix(&probe)
+        .is_ok_and(|rest| rest.to_string_lossy().contains('.'))
+    {
+        return Err(EbpfError::BpffsName {
+            path: bpffs.to_path_buf(),
+        });
     }
     let links = links::links_dir(bpffs);
     std::fs::create_dir_all(&links).map_err(|source| {
         if source.kind() == io::ErrorKind::PermissionDenied {
-            EbpfError::NotPermitted { action: format!("creating {}", links.display()), source }
+            EbpfError::NotPermitted {
+                action: format!("creating {}", links.display()),
+                source,
+            }
         } else {
-            EbpfError::Io { context: format!("creating {}", links.display()), source }
+            EbpfError::Io {
+                context: format!("creating {}", links.display()),
+                source,
+            }
         }
     })
 }
@@ -78,51 +96,83 @@ pub fn open_cgroup(path: &Path) -> Result<(File, u64), EbpfError> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(EbpfError::CgroupMissing { path: path.to_path_buf() });
+            return Err(EbpfError::CgroupMissing {
+                path: path.to_path_buf(),
+            });
         }
         Err(source) => {
-            return Err(EbpfError::Io { context: format!("stat {}", path.display()), source });
+            return Err(EbpfError::Io {
+                context: format!("stat {}", path.display()),
+                source,
+            });
         }
     };
-    let magic = sys::fs_magic(path)
-        .map_err(|source| EbpfError::Io { context: format!("statfs {}", path.display()), source })?;
+    let magic = sys::fs_magic(path).map_err(|source| EbpfError::Io {
+        context: format!("statfs {}", path.display()),
+        source,
+    })?;
     if !meta.is_dir() || magic != sys::CGROUP2_SUPER_MAGIC {
-        return Err(EbpfError::NotCgroup2 { path: path.to_path_buf() });
+        return Err(EbpfError::NotCgroup2 {
+            path: path.to_path_buf(),
+        });
     }
-    let file = File::open(path)
-        .map_err(|source| EbpfError::Io { context: format!("opening {}", path.display()), source })?;
+    let file = File::open(path).map_err(|source| EbpfError::Io {
+        context: format!("opening {}", path.display()),
+        source,
+    })?;
     Ok((file, meta.ino()))
 }
 
 /// Loads the object; maps are created and pinned under `bpffs`, or re-used if pinned.
 pub fn load_object(bpffs: &Path) -> Result<Ebpf, EbpfError> {
-    EbpfLoader::new().default_map_pin_directory(bpffs).load(OBJECT).map_err(|e| match e {
-        aya::EbpfError::MapError(MapError::IncompatiblePinnedMap { name, property, expected, actual }) => {
-            EbpfError::PinnedMapIncompatible { name, bpffs: bpffs.to_path_buf(), property, expected, actual }
-        }
-        e if is_permission_error(&e) => EbpfError::NotPermitted {
-            action: format!("creating or opening the pinned maps in {}", bpffs.display()),
-            source: io::Error::from_raw_os_error(libc::EPERM),
-        },
-        e => EbpfError::Load(e),
-    })
+    EbpfLoader::new()
+        .default_map_pin_directory(bpffs)
+        .load(OBJECT)
+        .map_err(|e| match e {
+            aya::EbpfError::MapError(MapError::IncompatiblePinnedMap {
+                name,
+                property,
+                expected,
+                actual,
+            }) => EbpfError::PinnedMapIncompatible {
+                name,
+                bpffs: bpffs.to_path_buf(),
+                property,
+                expected,
+                actual,
+            },
+            e if is_permission_error(&e) => EbpfError::NotPermitted {
+                action: format!("creating or opening the pinned maps in {}", bpffs.display()),
+                source: io::Error::from_raw_os_error(libc::EPERM),
+            },
+            e => EbpfError::Load(e),
+        })
 }
 
 fn load_error(program: &'static str, e: ProgramError) -> EbpfError {
     match e {
         // The verifier reports most rejections as EACCES (or EPERM, EINVAL) *with* a log;
         // missing privileges fail before it runs, with an empty log.
-        ProgramError::LoadError { io_error, verifier_log }
-            if !format!("{verifier_log:?}").trim().is_empty()
-                || !matches!(io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } if !format!("{verifier_log:?}").trim().is_empty()
+            || !matches!(io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
         {
-            EbpfError::VerifierRejected { program, log: format!("{verifier_log:?}"), source: io_error }
+            EbpfError::VerifierRejected {
+                program,
+                log: format!("{verifier_log:?}"),
+                source: io_error,
+            }
         }
         e if is_permission_error(&e) => EbpfError::NotPermitted {
             action: format!("loading program {program}"),
             source: io::Error::from_raw_os_error(libc::EPERM),
         },
-        e => EbpfError::Program { context: format!("loading program {program}"), source: e },
+        e => EbpfError::Program {
+            context: format!("loading program {program}"),
+            source: e,
+        },
     }
 }
 
@@ -130,9 +180,15 @@ fn attach_error(hook: Hook, cgroup: &Path) -> impl FnOnce(ProgramError) -> EbpfE
     move |e| {
         let action = format!("attaching {} to {}", hook.name, cgroup.display());
         if is_permission_error(&e) {
-            EbpfError::NotPermitted { action, source: io::Error::from_raw_os_error(libc::EPERM) }
+            EbpfError::NotPermitted {
+                action,
+                source: io::Error::from_raw_os_error(libc::EPERM),
+            }
         } else {
-            EbpfError::Program { context: action, source: e }
+            EbpfError::Program {
+                context: action,
+                source: e,
+            }
         }
     }
 }
@@ -142,13 +198,19 @@ where
     FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
 {
     FdLink::try_from(link).map_err(|e| EbpfError::Program {
-        context: format!("{}: the kernel gave a legacy attachment instead of a link (needs Linux >= 5.7)", hook.name),
+        context: format!(
+            "{}: the kernel gave a legacy attachment instead of a link (needs Linux >= 5.7)",
+            hook.name
+        ),
         source: ProgramError::from(e),
     })
 }
 
 fn missing(name: &'static str) -> EbpfError {
-    EbpfError::MissingFromObject { kind: "program", name }
+    EbpfError::MissingFromObject {
+        kind: "program",
+        name,
+    }
 }
 
 /// The program `name` of the object as its concrete type.
@@ -159,7 +221,10 @@ where
     ebpf.program_mut(name)
         .ok_or_else(|| missing(name))?
         .try_into()
-        .map_err(|e| EbpfError::Program { context: format!("program {name}"), source: e })
+        .map_err(|e| EbpfError::Program {
+            context: format!("program {name}"),
+            source: e,
+        })
 }
 
 /// Loads `$prog` (a `&mut` concrete program) and attaches it for `$hook` with `$attach`
@@ -170,7 +235,10 @@ macro_rules! load_and_attach {
         $prog.load().map_err(|e| load_error(hook.program, e))?;
         let fd = $prog
             .fd()
-            .map_err(|e| EbpfError::Program { context: hook.program.into(), source: e })?
+            .map_err(|e| EbpfError::Program {
+                context: hook.program.into(),
+                source: e,
+            })?
             .as_fd()
             .try_clone_to_owned()
             .map_err(|source| EbpfError::Io {
@@ -179,7 +247,9 @@ macro_rules! load_and_attach {
             })?;
         let done = links::attach_or_update(hook, $bpffs, $cgroup, fd.as_fd(), || {
             let id = $attach.map_err(attach_error(hook, $cgroup.path))?;
-            let link = $prog.take_link(id).map_err(attach_error(hook, $cgroup.path))?;
+            let link = $prog
+                .take_link(id)
+                .map_err(attach_error(hook, $cgroup.path))?;
             to_fd_link(hook, link)
         })?;
         (hook, done)
@@ -195,17 +265,33 @@ pub fn attach_all(
     let mut out = Vec::with_capacity(links::HOOKS.len());
     for hook in [links::CONNECT4, links::CONNECT6] {
         let prog: &mut CgroupSockAddr = program(ebpf, hook.program)?;
-        out.push(load_and_attach!(hook, prog, bpffs, cgroup, prog.attach(cgroup.file, CgroupAttachMode::Single)));
+        out.push(load_and_attach!(
+            hook,
+            prog,
+            bpffs,
+            cgroup,
+            prog.attach(cgroup.file, CgroupAttachMode::Single)
+        ));
     }
     let prog: &mut SockOps = program(ebpf, links::SOCKOPS.program)?;
-    out.push(load_and_attach!(links::SOCKOPS, prog, bpffs, cgroup, prog.attach(cgroup.file, CgroupAttachMode::Single)));
+    out.push(load_and_attach!(
+        links::SOCKOPS,
+        prog,
+        bpffs,
+        cgroup,
+        prog.attach(cgroup.file, CgroupAttachMode::Single)
+    ));
     let prog: &mut CgroupSkb = program(ebpf, links::INGRESS.program)?;
     out.push(load_and_attach!(
         links::INGRESS,
         prog,
         bpffs,
         cgroup,
-        prog.attach(cgroup.file, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+        prog.attach(
+            cgroup.file,
+            CgroupSkbAttachType::Ingress,
+            CgroupAttachMode::Single
+        )
     ));
     Ok(out)
 }
@@ -216,6 +302,7 @@ pub fn load_ingress_for_test(bpffs: &Path) -> Result<Ebpf, EbpfError> {
     prepare_bpffs(bpffs)?;
     let mut ebpf = load_object(bpffs)?;
     let prog: &mut CgroupSkb = program(&mut ebpf, links::INGRESS.program)?;
-    prog.load().map_err(|e| load_error(links::INGRESS.program, e))?;
+    prog.load()
+        .map_err(|e| load_error(links::INGRESS.program, e))?;
     Ok(ebpf)
 }

@@ -88,7 +88,11 @@ pub fn mode_code(mode: Mode) -> u8 {
 
 /// The kernel enforces anything that is not explicitly audit; so does this view.
 pub fn mode_from_code(code: u8) -> Mode {
-    if code == MODE_AUDIT { Mode::Audit } else { Mode::Enforce }
+    if code == MODE_AUDIT {
+        Mode::Audit
+    } else {
+        Mode::Enforce
+    }
 }
 
 /// An IP address in the kernel's 16-byte form (IPv4 mapped). A v4-mapped `Ipv6Addr` gives
@@ -102,7 +106,9 @@ pub fn addr_from_ip(ip: IpAddr) -> Addr {
 
 fn addr_from_octets(o: [u8; 16]) -> Addr {
     let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-    Addr { words: [w(0), w(4), w(8), w(12)] }
+    Addr {
+        words: [w(0), w(4), w(8), w(12)],
+    }
 }
 
 fn addr_octets(a: &Addr) -> [u8; 16] {
@@ -127,7 +133,11 @@ pub fn socket_from_addr(a: &Addr, port: u16) -> SocketAddr {
 }
 
 pub fn dest_key(sa: SocketAddr) -> DestKey {
-    DestKey { addr: addr_from_ip(sa.ip()), port: sa.port(), _pad: 0 }
+    DestKey {
+        addr: addr_from_ip(sa.ip()),
+        port: sa.port(),
+        _pad: 0,
+    }
 }
 
 /// `ServiceMeta` for a name: truncated to `SERVICE_NAME_LEN` bytes on a character boundary.
@@ -138,12 +148,21 @@ pub fn service_meta(name: &str, mode: Mode, removed: bool) -> ServiceMeta {
     }
     let mut buf = [0u8; SERVICE_NAME_LEN];
     buf[..end].copy_from_slice(&name.as_bytes()[..end]);
-    ServiceMeta { name: buf, mode: mode_code(mode), removed: u8::from(removed), _pad: [0; 6] }
+    ServiceMeta {
+        name: buf,
+        mode: mode_code(mode),
+        removed: u8::from(removed),
+        _pad: [0; 6],
+    }
 }
 
 /// The name stored in a `ServiceMeta` (NUL padded; invalid UTF-8 replaced).
 pub fn service_name(meta: &ServiceMeta) -> String {
-    let len = meta.name.iter().position(|&b| b == 0).unwrap_or(SERVICE_NAME_LEN);
+    let len = meta
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(SERVICE_NAME_LEN);
     String::from_utf8_lossy(&meta.name[..len]).into_owned()
 }
 
@@ -152,10 +171,17 @@ pub fn proxy_config(desired: &DesiredState) -> ProxyConfig {
     let (v4_addr, v4_port) = desired
         .proxy_v4
         .map_or((0, 0), |p| (u32::from_ne_bytes(p.ip().octets()), p.port()));
-    let (v6_addr, v6_port) = desired
-        .proxy_v6
-        .map_or((Addr::default(), 0), |p| (addr_from_ip(IpAddr::V6(*p.ip())), p.port()));
-    ProxyConfig { v4_addr, v4_port, v6_port, v6_addr, mark: desired.mark, ready: 1 }
+    let (v6_addr, v6_port) = desired.proxy_v6.map_or((Addr::default(), 0), |p| {
+        (addr_from_ip(IpAddr::V6(*p.ip())), p.port())
+    });
+    ProxyConfig {
+        v4_addr,
+        v4_port,
+        v6_port,
+        v6_addr,
+        mark: desired.mark,
+        ready: 1,
+    }
 }
 
 /// Proxy addresses back from a `ProxyConfig` (port 0 = none).
@@ -178,7 +204,11 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(desired: &DesiredState) -> Result<Self, EbpfError> {
-        let gateways = desired.gateways.iter().map(|ip| addr_from_ip(*ip)).collect();
+        let gateways = desired
+            .gateways
+            .iter()
+            .map(|ip| addr_from_ip(*ip))
+            .collect();
         let mut services = BTreeMap::new();
         let mut dests: BTreeMap<DestKeyOrd, (DestValue, &str)> = BTreeMap::new();
         for svc in &desired.services {
@@ -204,7 +234,12 @@ impl Plan {
                 .chain(svc.endpoints.iter().map(|a| (a, DEST_KIND_ENDPOINT)));
             for (addr, kind) in entries {
                 let key = DestKeyOrd(dest_key(*addr));
-                let value = DestValue { service_id: svc.id, kind, mode, _pad: 0 };
+                let value = DestValue {
+                    service_id: svc.id,
+                    kind,
+                    mode,
+                    _pad: 0,
+                };
                 if let Some((prev, prev_name)) = dests.insert(key, (value, &svc.name))
                     && prev != value
                 {
@@ -262,7 +297,10 @@ pub struct WritableMaps {
 }
 
 fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> EbpfError {
-    move |source| EbpfError::Map { context: format!("{op} {map}"), source }
+    move |source| EbpfError::Map {
+        context: format!("{op} {map}"),
+        source,
+    }
 }
 
 impl WritableMaps {
@@ -271,50 +309,77 @@ impl WritableMaps {
     /// names, then destinations; removals last.
     pub fn apply(&mut self, plan: &Plan) -> Result<SyncReport, EbpfError> {
         let mut report = SyncReport::default();
-        self.proxy.set(0, &plan.proxy, 0).map_err(map_err("write", NG_PROXY))?;
+        self.proxy
+            .set(0, &plan.proxy, 0)
+            .map_err(map_err("write", NG_PROXY))?;
 
-        let old_gateways: BTreeSet<Addr> =
-            self.gateways.keys().collect::<Result<_, _>>().map_err(map_err("read", NG_GATEWAYS))?;
+        let old_gateways: BTreeSet<Addr> = self
+            .gateways
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("read", NG_GATEWAYS))?;
         for gw in plan.gateways.difference(&old_gateways) {
-            self.gateways.insert(gw, &1, 0).map_err(map_err("write", NG_GATEWAYS))?;
+            self.gateways
+                .insert(gw, &1, 0)
+                .map_err(map_err("write", NG_GATEWAYS))?;
             report.gateways_added += 1;
         }
 
-        let old_meta: BTreeMap<u32, ServiceMeta> =
-            self.meta.iter().collect::<Result<_, _>>().map_err(map_err("read", NG_SERVICE_META))?;
+        let old_meta: BTreeMap<u32, ServiceMeta> = self
+            .meta
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("read", NG_SERVICE_META))?;
         for (id, meta) in &plan.services {
             if old_meta.get(id) != Some(meta) {
-                self.meta.insert(id, meta, 0).map_err(map_err("write", NG_SERVICE_META))?;
+                self.meta
+                    .insert(id, meta, 0)
+                    .map_err(map_err("write", NG_SERVICE_META))?;
             }
         }
         // Services gone from the config keep their name (their counters stay nameable).
         for (id, meta) in &old_meta {
             if !plan.services.contains_key(id) && meta.removed == 0 {
-                let removed = ServiceMeta { removed: 1, ..*meta };
-                self.meta.insert(id, &removed, 0).map_err(map_err("write", NG_SERVICE_META))?;
+                let removed = ServiceMeta {
+                    removed: 1,
+                    ..*meta
+                };
+                self.meta
+                    .insert(id, &removed, 0)
+                    .map_err(map_err("write", NG_SERVICE_META))?;
             }
         }
 
-        let old_dests: std::collections::HashMap<DestKey, DestValue> =
-            self.dests.iter().collect::<Result<_, _>>().map_err(map_err("read", NG_DESTS))?;
+        let old_dests: std::collections::HashMap<DestKey, DestValue> = self
+            .dests
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("read", NG_DESTS))?;
         for (key, value) in &plan.dests {
             match old_dests.get(key) {
                 Some(old) if old == value => {}
-                Some(_) => self.dests.insert(key, value, 0).map_err(map_err("write", NG_DESTS))?,
+                Some(_) => self
+                    .dests
+                    .insert(key, value, 0)
+                    .map_err(map_err("write", NG_DESTS))?,
                 None => {
-                    self.dests.insert(key, value, 0).map_err(map_err("write", NG_DESTS))?;
+                    self.dests
+                        .insert(key, value, 0)
+                        .map_err(map_err("write", NG_DESTS))?;
                     report.dests_added += 1;
                 }
             }
         }
-        let wanted: std::collections::HashSet<&DestKey> = plan.dests.iter().map(|(k, _)| k).collect();
+        let wanted: std::collections::HashSet<&DestKey> =
+            plan.dests.iter().map(|(k, _)| k).collect();
         for key in old_dests.keys().filter(|k| !wanted.contains(k)) {
             remove_if_present(self.dests.remove(key)).map_err(map_err("remove from", NG_DESTS))?;
             report.dests_removed += 1;
         }
 
         for gw in old_gateways.difference(&plan.gateways) {
-            remove_if_present(self.gateways.remove(gw)).map_err(map_err("remove from", NG_GATEWAYS))?;
+            remove_if_present(self.gateways.remove(gw))
+                .map_err(map_err("remove from", NG_GATEWAYS))?;
             report.gateways_removed += 1;
         }
         Ok(report)
@@ -339,7 +404,10 @@ mod tests {
     fn v4_is_stored_mapped_in_network_order() {
         let a = addr_from_ip("10.1.2.3".parse().unwrap());
         assert!(a.is_v4());
-        assert_eq!(addr_octets(&a), [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3]);
+        assert_eq!(
+            addr_octets(&a),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3]
+        );
         assert_eq!(a.words[3], u32::from_ne_bytes([10, 1, 2, 3]));
         assert_eq!(ip_from_addr(&a), "10.1.2.3".parse::<IpAddr>().unwrap());
     }
@@ -347,7 +415,10 @@ mod tests {
     #[test]
     fn mapped_v6_is_the_same_key_as_v4() {
         let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
-        assert_eq!(addr_from_ip(mapped), addr_from_ip("10.1.2.3".parse().unwrap()));
+        assert_eq!(
+            addr_from_ip(mapped),
+            addr_from_ip("10.1.2.3".parse().unwrap())
+        );
         let sa: SocketAddr = "[::ffff:10.1.2.3]:80".parse().unwrap();
         assert_eq!(dest_key(sa), dest_key("10.1.2.3:80".parse().unwrap()));
     }
@@ -376,7 +447,10 @@ mod tests {
         };
         let cfg = proxy_config(&desired);
         assert_eq!(cfg.v4_addr, u32::from_ne_bytes([10, 0, 0, 1]));
-        assert_eq!((cfg.v4_port, cfg.v6_port, cfg.mark, cfg.ready), (15001, 0, 0x4e47, 1));
+        assert_eq!(
+            (cfg.v4_port, cfg.v6_port, cfg.mark, cfg.ready),
+            (15001, 0, 0x4e47, 1)
+        );
         assert_eq!(proxy_addrs(&cfg), (desired.proxy_v4, None));
     }
 
@@ -386,7 +460,10 @@ mod tests {
         let meta = service_meta(&long, Mode::Audit, true);
         assert_eq!(service_name(&meta), "é".repeat(32));
         assert_eq!((meta.mode, meta.removed), (MODE_AUDIT, 1));
-        assert_eq!(service_name(&service_meta("grafana", Mode::Enforce, false)), "grafana");
+        assert_eq!(
+            service_name(&service_meta("grafana", Mode::Enforce, false)),
+            "grafana"
+        );
     }
 
     #[test]
@@ -415,29 +492,62 @@ mod tests {
             proxy_v4: Some("10.0.0.1:15001".parse().unwrap()),
             proxy_v6: Some("[fd00::1]:15001".parse().unwrap()),
             mark: 1,
-            gateways: vec!["10.0.0.1".parse().unwrap(), "::ffff:10.0.0.1".parse().unwrap()],
+            gateways: vec![
+                "10.0.0.1".parse().unwrap(),
+                "::ffff:10.0.0.1".parse().unwrap(),
+            ],
             services,
         }
     }
 
     #[test]
     fn plan_collects_vips_and_endpoints() {
-        let plan = Plan::new(&desired(vec![svc(7, "a", &["10.96.0.1:80"], &["10.1.0.2:8080", "[fd00::2]:8080"])]))
-            .unwrap();
-        assert_eq!(plan.gateways.len(), 1, "mapped and plain v4 gateway are one key");
+        let plan = Plan::new(&desired(vec![svc(
+            7,
+            "a",
+            &["10.96.0.1:80"],
+            &["10.1.0.2:8080", "[fd00::2]:8080"],
+        )]))
+        .unwrap();
+        assert_eq!(
+            plan.gateways.len(),
+            1,
+            "mapped and plain v4 gateway are one key"
+        );
         assert_eq!(plan.dests.len(), 3);
-        let vip = plan.dests.iter().find(|(k, _)| *k == dest_key("10.96.0.1:80".parse().unwrap())).unwrap();
-        assert_eq!((vip.1.service_id, vip.1.kind, vip.1.mode), (7, DEST_KIND_VIP, MODE_ENFORCE));
+        let vip = plan
+            .dests
+            .iter()
+            .find(|(k, _)| *k == dest_key("10.96.0.1:80".parse().unwrap()))
+            .unwrap();
+        assert_eq!(
+            (vip.1.service_id, vip.1.kind, vip.1.mode),
+            (7, DEST_KIND_VIP, MODE_ENFORCE)
+        );
     }
 
     #[test]
     fn plan_rejects_conflicts() {
-        let conflict = desired(vec![svc(1, "a", &["10.96.0.1:80"], &[]), svc(2, "b", &[], &["10.96.0.1:80"])]);
+        let conflict = desired(vec![
+            svc(1, "a", &["10.96.0.1:80"], &[]),
+            svc(2, "b", &[], &["10.96.0.1:80"]),
+        ]);
         let err = Plan::new(&conflict).unwrap_err().to_string();
-        assert!(err.contains("10.96.0.1:80") && err.contains("\"a\"") && err.contains("\"b\""), "{err}");
+        assert!(
+            err.contains("10.96.0.1:80") && err.contains("\"a\"") && err.contains("\"b\""),
+            "{err}"
+        );
         assert!(Plan::new(&desired(vec![svc(1, "a", &[], &[]), svc(1, "b", &[], &[])])).is_err());
         assert!(Plan::new(&desired(vec![svc(0, "a", &[], &[])])).is_err());
         // The same entry twice in one service is not a conflict.
-        assert!(Plan::new(&desired(vec![svc(1, "a", &["10.96.0.1:80", "[::ffff:10.96.0.1]:80"], &[])])).is_ok());
+        assert!(
+            Plan::new(&desired(vec![svc(
+                1,
+                "a",
+                &["10.96.0.1:80", "[::ffff:10.96.0.1]:80"],
+                &[]
+            )]))
+            .is_ok()
+        );
     }
 }

@@ -13,9 +13,9 @@ pub mod inspect;
 mod links;
 mod loader;
 mod maps;
-mod sys;
 #[cfg(test)]
 mod prog_tests;
+mod sys;
 
 use std::{
     net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
@@ -147,7 +147,10 @@ pub enum EbpfError {
     Load(#[source] aya::EbpfError),
 
     #[error("the embedded eBPF object has no {kind} named {name} (build mismatch)")]
-    MissingFromObject { kind: &'static str, name: &'static str },
+    MissingFromObject {
+        kind: &'static str,
+        name: &'static str,
+    },
 
     #[error("invalid desired state: {0}")]
     InvalidState(String),
@@ -271,7 +274,11 @@ impl Datapath {
         let orig: HashMap<MapData, SockKey, gateway_common::OrigDst> =
             take_map(&mut ebpf, maps::NG_ORIG)?;
         let events: RingBuf<MapData> = take_map(&mut ebpf, maps::NG_EVENTS)?;
-        let cgroup = links::Cgroup { path: &opts.cgroup, file: &cgroup_file, id: cgroup_id };
+        let cgroup = links::Cgroup {
+            path: &opts.cgroup,
+            file: &cgroup_file,
+            id: cgroup_id,
+        };
         let attached = loader::attach_all(&mut ebpf, &opts.bpffs, &cgroup)?
             .into_iter()
             .map(|(hook, done)| {
@@ -280,7 +287,11 @@ impl Datapath {
                     links::Attached::Updated { link_id, .. } => ("updated", link_id),
                     links::Attached::Replaced { link_id, .. } => ("replaced", link_id),
                 };
-                LinkAttach { name: hook.name, how, link_id }
+                LinkAttach {
+                    name: hook.name,
+                    how,
+                    link_id,
+                }
             })
             .collect();
         Ok(Self {
@@ -288,7 +299,9 @@ impl Datapath {
             bpffs: opts.bpffs.clone(),
             cgroup_id,
             maps,
-            orig: OrigDstTable { map: Arc::new(orig) },
+            orig: OrigDstTable {
+                map: Arc::new(orig),
+            },
             events: Some(events),
             attached,
         })
@@ -331,8 +344,13 @@ fn take_map<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, EbpfError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(EbpfError::MissingFromObject { kind: "map", name })?;
-    T::try_from(map).map_err(|source| EbpfError::Map { context: format!("opening {name}"), source })
+    let map = ebpf
+        .take_map(name)
+        .ok_or(EbpfError::MissingFromObject { kind: "map", name })?;
+    T::try_from(map).map_err(|source| EbpfError::Map {
+        context: format!("opening {name}"),
+        source,
+    })
 }
 
 /// Original-destination lookups for the proxy.
@@ -348,7 +366,11 @@ impl OrigDstTable {
     /// never both get it. A v4-mapped IPv6 peer (dual-stack listener) is the same key as the
     /// IPv4 peer.
     pub fn take(&self, peer: SocketAddr) -> Option<OrigDst> {
-        let key = SockKey { addr: maps::addr_from_ip(peer.ip()), port: peer.port(), _pad: 0 };
+        let key = SockKey {
+            addr: maps::addr_from_ip(peer.ip()),
+            port: peer.port(),
+            _pad: 0,
+        };
         let fd = self.map.map().fd().as_fd();
         match sys::map_lookup_and_delete::<_, gateway_common::OrigDst>(fd, &key) {
             Ok(found) => found.map(|o| OrigDst {

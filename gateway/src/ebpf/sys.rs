@@ -41,11 +41,16 @@ pub mod attach {
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    let size = libc::c_uint::try_from(size_of::<T>()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    let size = libc::c_uint::try_from(size_of::<T>())
+        .map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
     // SAFETY: `attr` is a live, properly sized `#[repr(C)]` prefix of `union bpf_attr` for
     // `cmd`; pointers inside it (if any) are valid for the duration of the call.
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size) };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 fn c_path(path: &Path) -> io::Result<CString> {
@@ -64,9 +69,16 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         _pad: u32,
     }
     let c = c_path(path)?;
-    let mut attr = Attr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
+    let mut attr = Attr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
-    let fd = i32::try_from(fd).map_err(|_| io::Error::other("BPF_OBJ_GET returned an invalid fd"))?;
+    let fd =
+        i32::try_from(fd).map_err(|_| io::Error::other("BPF_OBJ_GET returned an invalid fd"))?;
     // SAFETY: the kernel just returned this new fd; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -186,7 +198,10 @@ pub struct TestRun {
 
 /// `BPF_PROG_TEST_RUN` with `data` as packet (for skb programs: starting at the L2 header
 /// the kernel strips; see the caller).
-#[cfg_attr(not(test), expect(dead_code, reason = "used by the privileged program tests"))]
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "used by the privileged program tests")
+)]
 pub fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8]) -> io::Result<TestRun> {
     #[repr(C)]
     struct Attr {
@@ -227,7 +242,10 @@ pub fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8]) -> io::Result<TestRun> {
         _pad: 0,
     };
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
-    Ok(TestRun { retval: attr.retval, duration_ns: attr.duration })
+    Ok(TestRun {
+        retval: attr.retval,
+        duration_ns: attr.duration,
+    })
 }
 
 /// `statfs(2)` file-system magic of `path`.
@@ -252,7 +270,10 @@ pub const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 /// Raises `RLIMIT_MEMLOCK` (kernels before 5.11 charge BPF memory to it; newer ones use
 /// memcg accounting and ignore it).
 pub fn raise_memlock_rlimit() -> io::Result<()> {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) } != 0 {
         return Err(io::Error::last_os_error());

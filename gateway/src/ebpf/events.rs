@@ -10,7 +10,7 @@ use super::{BypassEvent, EbpfError, maps};
 /// Async stream of kernel bypass events.
 pub struct BypassEvents {
     ring: AsyncFd<RingBuf<MapData>>,
-    /// Records too short to be an event (kernel/userspace mismatch); never expected.
+    /// Records too short to be an event (kernel/userspace version mismatch); never expected.
     malformed: u64,
 }
 
@@ -42,24 +42,36 @@ impl BypassEvents {
                     context: "waiting on the bypass event ring buffer".into(),
                     source,
                 })?;
-            // Clear readiness *before* draining: the kernel only wakes a consumer that has
-            // caught up, so a record submitted after the drain must leave us ready again.
+            // The kernel wakes the consumer only when it has caught up, so no submission may
+            // be lost between draining and waiting again: readiness is cleared first (tokio
+            // clears only what it saw before this guard), then everything present is drained.
             guard.clear_ready();
             let ring = guard.get_inner_mut();
             let mut batch = Vec::new();
+            let mut malformed = 0u64;
             while let Some(item) = ring.next() {
                 match decode(&item) {
                     Some(e) => batch.push(e),
-                    None => self.malformed += 1,
+                    None => malformed += 1,
                 }
+            }
+            if malformed > 0 {
+                // Only a kernel object and binary of different versions could do this.
+                tracing::warn!(
+                    malformed,
+                    "skipped ring-buffer records too short to be bypass events"
+                );
+                self.malformed += malformed;
             }
             if !batch.is_empty() {
                 return Ok(batch);
             }
         }
     }
+}
 
-    /// Records dropped because they were too short to be an event.
+impl BypassEvents {
+    /// Records skipped so far because they were too short to be an event.
     pub fn malformed(&self) -> u64 {
         self.malformed
     }

@@ -282,7 +282,7 @@ fn count<K: aya::Pod>(keys: aya::maps::MapKeys<'_, K>) -> Result<u64, MapError> 
 fn read_err(map: &'static str) -> impl FnOnce(MapError) -> EbpfError {
     move |source| EbpfError::Map {
         context: format!("reading pinned map {map}"),
-        source,
+        source: Box::new(source),
     }
 }
 
@@ -330,20 +330,20 @@ where
         } else {
             EbpfError::Map {
                 context: format!("opening {}", path.display()),
-                source: e,
+                source: Box::new(e),
             }
         }
     })?;
     let map = Map::from_map_data(data).map_err(|source| EbpfError::Map {
         context: format!("opening {}", path.display()),
-        source,
+        source: Box::new(source),
     })?;
     T::try_from(map).map_err(|source| EbpfError::Map {
         context: format!(
             "{} does not have the layout of this gateway version (run `gateway detach`)",
             path.display()
         ),
-        source,
+        source: Box::new(source),
     })
 }
 

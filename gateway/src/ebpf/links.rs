@@ -147,7 +147,7 @@ pub fn replacement_name(hook: Hook) -> String {
 fn pin(link: FdLink, path: &Path) -> Result<(), EbpfError> {
     link.pin(path).map(drop).map_err(|e| EbpfError::Pin {
         path: path.to_path_buf(),
-        source: e,
+        source: Box::new(e),
     })
 }
 

@@ -145,7 +145,7 @@ pub fn load_object(bpffs: &Path) -> Result<Ebpf, EbpfError> {
                 action: format!("creating or opening the pinned maps in {}", bpffs.display()),
                 source: io::Error::from_raw_os_error(libc::EPERM),
             },
-            e => EbpfError::Load(e),
+            e => EbpfError::Load(Box::new(e)),
         })
 }
 
@@ -171,7 +171,7 @@ fn load_error(program: &'static str, e: ProgramError) -> EbpfError {
         },
         e => EbpfError::Program {
             context: format!("loading program {program}"),
-            source: e,
+            source: Box::new(e),
         },
     }
 }
@@ -187,7 +187,7 @@ fn attach_error(hook: Hook, cgroup: &Path) -> impl FnOnce(ProgramError) -> EbpfE
         } else {
             EbpfError::Program {
                 context: action,
-                source: e,
+                source: Box::new(e),
             }
         }
     }
@@ -202,7 +202,7 @@ where
             "{}: the kernel gave a legacy attachment instead of a link (needs Linux >= 5.7)",
             hook.name
         ),
-        source: ProgramError::from(e),
+        source: Box::new(ProgramError::from(e)),
     })
 }
 
@@ -223,7 +223,7 @@ where
         .try_into()
         .map_err(|e| EbpfError::Program {
             context: format!("program {name}"),
-            source: e,
+            source: Box::new(e),
         })
 }
 
@@ -237,7 +237,7 @@ macro_rules! load_and_attach {
             .fd()
             .map_err(|e| EbpfError::Program {
                 context: hook.program.into(),
-                source: e,
+                source: Box::new(e),
             })?
             .as_fd()
             .try_clone_to_owned()

@@ -299,7 +299,7 @@ pub struct WritableMaps {
 fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> EbpfError {
     move |source| EbpfError::Map {
         context: format!("{op} {map}"),
-        source,
+        source: Box::new(source),
     }
 }
 

@@ -106,7 +106,7 @@ pub enum EbpfError {
     Pin {
         path: PathBuf,
         #[source]
-        source: aya::pin::PinError,
+        source: Box<aya::pin::PinError>,
     },
 
     #[error(
@@ -133,18 +133,18 @@ pub enum EbpfError {
     Map {
         context: String,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
 
     #[error("{context}: {source}")]
     Program {
         context: String,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
 
     #[error("loading the embedded eBPF object: {0}")]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
 
     #[error("the embedded eBPF object has no {kind} named {name} (build mismatch)")]
     MissingFromObject {
@@ -161,6 +161,9 @@ pub enum EbpfError {
     #[error("the bypass event stream needs a tokio runtime: call take_events() inside one")]
     NoRuntime,
 }
+
+// The error travels inside callers' error enums: keep it small (aya's errors are boxed).
+const _: () = assert!(size_of::<EbpfError>() <= 88);
 
 /// Per-service enforcement mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -349,7 +352,7 @@ where
         .ok_or(EbpfError::MissingFromObject { kind: "map", name })?;
     T::try_from(map).map_err(|source| EbpfError::Map {
         context: format!("opening {name}"),
-        source,
+        source: Box::new(source),
     })
 }
 

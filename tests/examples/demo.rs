@@ -58,7 +58,9 @@ fn run() -> DemoResult {
         .join("config")
         .join("example.yaml");
     let example = example_service(&example_path)?;
-    println!("Nodegate demo: one simulated node, one gateway, three connection attempts.");
+    println!(
+        "Nodegate demo: one simulated node, one gateway; an allowed, a denied and a bypassing connection."
+    );
 
     let node = build_node(&example)?;
     let _server = node.pod(BACKEND).serve(example.endpoint_port, BACKEND)?;
@@ -212,9 +214,21 @@ impl Demo<'_> {
             "The host-network process ({}) is redirected too, but its address is not in allow_sources:",
             hostnet.ipv4
         ));
-        say("the proxy closes the connection without ever connecting to the backend.");
-        let denied = curl(hostnet, &format!("http://{}/", self.vip))?;
-        show_decision(&connection_line(self.gateway, denied.local)?);
+        say("the proxy resets the connection and never connects to the backend.");
+        curl(hostnet, &format!("http://{}/", self.vip))?;
+        // A reset that quick often reaches curl while it is still connecting, so it cannot
+        // report its port: find the line by source address and destination.
+        let (source, vip) = (IpAddr::V4(hostnet.ipv4), self.vip);
+        let line =
+            self.gateway
+                .wait_decision(&format!("denying {source} -> {vip}"), LOG_WAIT, |d| {
+                    field(d, "kind") == "connection"
+                        && field(d, "decision") == "deny"
+                        && field(d, "dst").parse::<SocketAddr>().ok() == Some(vip)
+                        && field(d, "src").parse::<SocketAddr>().ok().map(|a| a.ip())
+                            == Some(source)
+                })?;
+        show_decision(&line);
         Ok(())
     }
 

@@ -4,7 +4,7 @@
 //! `NG_ORIG`, keyed by the client's (local ip, local port): exactly the peer address the
 //! proxy sees after `accept()`.
 //!
-//! Key form: an AF_INET socket's address is stored IPv4-mapped; an AF_INET6 socket's
+//! Key form: an `AF_INET` socket's address is stored IPv4-mapped; an `AF_INET6` socket's
 //! `local_ip6` is taken as is, which for a dual-stack socket talking IPv4 is already the
 //! mapped form (`sk_v6_rcv_saddr`), so both meet the proxy's canonical peer key.
 

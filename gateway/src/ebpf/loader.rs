@@ -306,3 +306,44 @@ pub fn load_ingress_for_test(bpffs: &Path) -> Result<Ebpf, EbpfError> {
         .map_err(|e| load_error(links::INGRESS.program, e))?;
     Ok(ebpf)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_errors_name_the_fix() {
+        let err = prepare_bpffs(Path::new("/tmp/ng-unit-not-bpffs/pins")).unwrap_err();
+        assert!(matches!(err, EbpfError::BpffsNotMounted { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("mount -t bpf bpf /sys/fs/bpf"),
+            "{err}"
+        );
+
+        let err = open_cgroup(Path::new("/nonexistent/ng-unit-cgroup")).unwrap_err();
+        assert!(matches!(err, EbpfError::CgroupMissing { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains("mkdir -p /nonexistent/ng-unit-cgroup"),
+            "{err}"
+        );
+
+        let err = open_cgroup(Path::new("/tmp")).unwrap_err();
+        assert!(matches!(err, EbpfError::NotCgroup2 { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn permission_errors_are_found_in_the_source_chain() {
+        let inner = io::Error::from_raw_os_error(libc::EPERM);
+        let err = aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_create",
+            io_error: inner,
+        });
+        assert!(is_permission_error(&err));
+        let other = aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_create",
+            io_error: io::Error::from_raw_os_error(libc::EINVAL),
+        });
+        assert!(!is_permission_error(&other));
+    }
+}

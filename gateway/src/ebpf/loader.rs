@@ -335,12 +335,12 @@ mod tests {
     #[test]
     fn permission_errors_are_found_in_the_source_chain() {
         let inner = io::Error::from_raw_os_error(libc::EPERM);
-        let err = aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+        let err = MapError::SyscallError(aya::sys::SyscallError {
             call: "bpf_map_create",
             io_error: inner,
         });
         assert!(is_permission_error(&err));
-        let other = aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+        let other = MapError::SyscallError(aya::sys::SyscallError {
             call: "bpf_map_create",
             io_error: io::Error::from_raw_os_error(libc::EINVAL),
         });

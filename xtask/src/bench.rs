@@ -1,10 +1,522 @@
-//! `cargo xtask bench`.
+//! `cargo xtask bench`: runs `tests/benches/datapath` (root, simulated node, release gateway)
+//! and writes docs/BENCHMARKS.md from criterion's estimates and the bench's own JSON (the
+//! percentile, concurrency and upload passes and the kernel's per-program BPF statistics).
 
-use anyhow::Result;
+use std::{
+    collections::BTreeSet,
+    ffi::OsString,
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::SystemTime,
+};
+
+use anyhow::{Context as _, Result};
+use serde_json::Value;
+
+use crate::{
+    cmd::{self, Steps},
+    setup,
+    test::GATEWAY_BIN_ENV,
+};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// A short run that checks that everything works (a few seconds per benchmark); its
+    /// report goes to target/nodegate-bench/ unless --output says otherwise.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the report (default docs/BENCHMARKS.md).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Passed on to the bench binary (criterion's options, e.g. a name filter).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    criterion: Vec<OsString>,
+}
 
-pub fn run(_args: &Args) -> Result<()> {
-    anyhow::bail!("not implemented yet")
+pub fn run(args: &Args) -> Result<()> {
+    let mut steps = Steps::default();
+    steps.run("setup", setup::run)?;
+    steps.run("build the gateway (release)", || {
+        cmd::run(cmd::cargo().args(["build", "--release", "-p", "gateway", "--bins"]))
+    })?;
+    let out_dir = cmd::target_dir().join("nodegate-bench");
+    let results_path = out_dir.join("results.json");
+    let criterion_dir = cmd::target_dir().join("criterion");
+    let started = SystemTime::now();
+    steps.run("run the benchmarks (root, simulated node)", || {
+        let mut bench = cmd::cargo();
+        bench
+            .args(["bench", "-p", "nodegate-tests", "--bench", "datapath", "--"])
+            .args(&args.criterion)
+            .env(
+                GATEWAY_BIN_ENV,
+                cmd::target_dir().join("release").join("gateway"),
+            )
+            .env("NODEGATE_BENCH_OUT", &results_path)
+            .env("CRITERION_HOME", &criterion_dir);
+        if args.quick {
+            bench.env("NODEGATE_BENCH_QUICK", "1");
+        }
+        cmd::run(&mut bench)
+    })?;
+    let output = args.output.clone().unwrap_or_else(|| {
+        if args.quick {
+            out_dir.join("BENCHMARKS.md")
+        } else {
+            cmd::project_root().join("docs").join("BENCHMARKS.md")
+        }
+    });
+    steps.run("write the report", || {
+        let results: Value = serde_json::from_str(
+            &fs::read_to_string(&results_path)
+                .with_context(|| format!("reading {}", results_path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", results_path.display()))?;
+        let report = Report::new(&results, &criterion_dir, started).render();
+        if let Some(dir) = output.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        fs::write(&output, report).with_context(|| format!("writing {}", output.display()))?;
+        println!("wrote {}", output.display());
+        Ok(())
+    })?;
+    steps.print_summary("cargo xtask bench: done");
+    Ok(())
+}
+
+/// criterion's estimate of one benchmark, in nanoseconds.
+struct Estimate {
+    median: f64,
+    mean: f64,
+    mean_low: f64,
+    mean_high: f64,
+}
+
+/// Reads `<criterion>/<group>/<name>/new/estimates.json`, ignoring results older than this run
+/// (a benchmark filtered out keeps its previous files).
+fn estimate(criterion_dir: &Path, id: &str, started: SystemTime) -> Option<Estimate> {
+    let path = criterion_dir.join(id).join("new").join("estimates.json");
+    let modified = fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+    if modified < started {
+        return None;
+    }
+    let value: Value = serde_json::from_str(&fs::read_to_string(&path).ok()?).ok()?;
+    let point = |key: &str| value.get(key)?.get("point_estimate")?.as_f64();
+    let bound = |key: &str| {
+        value
+            .get("mean")?
+            .get("confidence_interval")?
+            .get(key)?
+            .as_f64()
+    };
+    Some(Estimate {
+        median: point("median")?,
+        mean: point("mean")?,
+        mean_low: bound("lower_bound")?,
+        mean_high: bound("upper_bound")?,
+    })
+}
+
+struct Report<'a> {
+    results: &'a Value,
+    criterion_dir: &'a Path,
+    started: SystemTime,
+}
+
+impl<'a> Report<'a> {
+    fn new(results: &'a Value, criterion_dir: &'a Path, started: SystemTime) -> Self {
+        Self {
+            results,
+            criterion_dir,
+            started,
+        }
+    }
+
+    fn render(&self) -> String {
+        let mut md = String::new();
+        self.header(&mut md);
+        self.criterion_tables(&mut md);
+        self.percentiles(&mut md);
+        self.throughput(&mut md);
+        self.bpf(&mut md);
+        method(&mut md);
+        md
+    }
+
+    fn header(&self, md: &mut String) {
+        let env = &self.results["environment"];
+        let quick = if self.results["quick"].as_bool() == Some(true) {
+            " **Quick run (`--quick`): short measurements, for checking only.**"
+        } else {
+            ""
+        };
+        let _ = writeln!(md, "# Benchmarks\n");
+        let _ = writeln!(
+            md,
+            "Written by `cargo xtask bench` on {} from commit `{}`.{quick}\n",
+            today(),
+            commit()
+        );
+        let _ = writeln!(
+            md,
+            "Machine: {} ({} CPUs), kernel {}. Gateway: `{}` (release build). Everything below ran in \
+             one process on a simulated node (network namespaces and cgroup v2 on the real kernel, \
+             as in the end-to-end tests): the client in a pod's namespace, the backend in another \
+             pod, the gateway in the node's namespace, all on the same CPUs.\n",
+            str_of(&env["cpu"]),
+            env["cpus"],
+            str_of(&env["kernel"]),
+            str_of(&env["gateway"]),
+        );
+    }
+
+    fn criterion_tables(&self, md: &mut String) {
+        let benchmarks = self.results["criterion"]["benchmarks"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice);
+        let groups: BTreeSet<&str> = benchmarks
+            .iter()
+            .filter_map(|b| b["id"].as_str()?.split('/').next())
+            .collect();
+        let titles = [
+            (
+                "connect",
+                "## connect() latency\n\nThe `connect(2)` call alone (socket creation excluded), from \
+                 the client pod's network namespace. Whether the hooks run depends only on the cgroup \
+                 of the calling process; `no_hooks_node_local` connects to a listener on the node IP, \
+                 the same place a redirect lands, without hooks: the baseline of `redirected`.",
+            ),
+            (
+                "request_persistent",
+                "## Requests on an open connection: proxy vs direct\n\nA 64-byte request and a \
+                 256-byte response, one at a time, on one connection: through the VIP (redirected \
+                 to the proxy, which forwards to the backend's protected port) and directly to the \
+                 same backend process on an unprotected port.",
+            ),
+            (
+                "request_per_connection",
+                "## A connection per request: proxy vs direct\n\nConnect, one request and response, \
+                 close: what a client without connection reuse pays, including the proxy's accept, \
+                 original-destination lookup, rule, upstream connect and decision line.",
+            ),
+        ];
+        for (group, title) in titles {
+            if !groups.contains(group) {
+                continue;
+            }
+            let _ = writeln!(md, "{title}\n");
+            let _ = writeln!(
+                md,
+                "| benchmark | what | median | mean [95% CI] | median vs baseline |"
+            );
+            let _ = writeln!(md, "|---|---|---:|---:|---:|");
+            for bench in benchmarks
+                .iter()
+                .filter(|b| b["id"].as_str().is_some_and(|id| id.starts_with(group)))
+            {
+                let id = str_of(&bench["id"]);
+                let what = str_of(&bench["what"]);
+                let Some(est) = estimate(self.criterion_dir, id, self.started) else {
+                    let _ = writeln!(md, "| `{id}` | {what} | not run | | |");
+                    continue;
+                };
+                let ratio = bench["baseline"]
+                    .as_str()
+                    .and_then(|base| estimate(self.criterion_dir, base, self.started))
+                    .map_or_else(
+                        || "baseline".to_owned(),
+                        |base| ratio(est.median, base.median),
+                    );
+                let _ = writeln!(
+                    md,
+                    "| `{id}` | {what} | {} | {} [{} – {}] | {ratio} |",
+                    nanos(est.median),
+                    nanos(est.mean),
+                    nanos(est.mean_low),
+                    nanos(est.mean_high),
+                );
+            }
+            let _ = writeln!(md);
+        }
+    }
+
+    fn percentiles(&self, md: &mut String) {
+        let rows = self.results["latency"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice);
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            md,
+            "## Latency percentiles: proxy vs direct, same run\n\nEvery request timed on its own; \
+             direct and proxied requests alternate in rounds so that both see the same machine. \
+             Requests/s is for one client doing one request at a time.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| requests | path | count | p50 | p90 | p99 | max | requests/s | p50 vs direct | p99 vs direct |"
+        );
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for row in rows {
+            let kind = str_of(&row["kind"]);
+            let stats = &row["stats"];
+            let direct = rows
+                .iter()
+                .find(|r| r["kind"] == row["kind"] && r["mode"] == "direct")
+                .map(|r| &r["stats"]);
+            let vs = |key: &str| match (direct, row["mode"].as_str()) {
+                (Some(d), Some("proxy")) => ratio(num(&stats[key]), num(&d[key])),
+                _ => String::new(),
+            };
+            let label = if kind == "persistent" {
+                "on an open connection"
+            } else {
+                "a connection each"
+            };
+            let _ = writeln!(
+                md,
+                "| {label} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} |",
+                str_of(&row["mode"]),
+                stats["count"],
+                micros(num(&stats["p50_us"])),
+                micros(num(&stats["p90_us"])),
+                micros(num(&stats["p99_us"])),
+                micros(num(&stats["max_us"])),
+                num(&stats["per_s"]),
+                vs("p50_us"),
+                vs("p99_us"),
+            );
+        }
+        let _ = writeln!(md);
+    }
+
+    fn throughput(&self, md: &mut String) {
+        let pair = |key: &str| -> Option<(&Value, &Value)> {
+            let rows = self.results[key].as_array()?;
+            let find = |mode: &str| rows.iter().find(|r| r["mode"] == mode);
+            Some((find("direct")?, find("proxy")?))
+        };
+        let concurrent = pair("concurrent");
+        let upload = pair("upload");
+        if concurrent.is_none() && upload.is_none() {
+            return;
+        }
+        let _ = writeln!(md, "## Throughput: proxy vs direct, same run\n");
+        let _ = writeln!(md, "| workload | direct | proxy | proxy / direct |");
+        let _ = writeln!(md, "|---|---:|---:|---:|");
+        if let Some((direct, proxy)) = concurrent {
+            let (d, p) = (num(&direct["per_s"]), num(&proxy["per_s"]));
+            let _ = writeln!(
+                md,
+                "| {} connections, small requests back to back | {d:.0} req/s | {p:.0} req/s | {} |",
+                direct["connections"],
+                ratio(p, d),
+            );
+        }
+        if let Some((direct, proxy)) = upload {
+            let (d, p) = (num(&direct["mib_per_s"]), num(&proxy["mib_per_s"]));
+            let mib = direct["bytes"].as_u64().unwrap_or(0) >> 20;
+            let _ = writeln!(
+                md,
+                "| upload of {mib} MiB on one connection | {d:.0} MiB/s | {p:.0} MiB/s | {} |",
+                ratio(p, d),
+            );
+        }
+        let _ = writeln!(md);
+    }
+
+    fn bpf(&self, md: &mut String) {
+        let phases = self.results["bpf"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice);
+        if phases.is_empty() {
+            return;
+        }
+        let mut programs: Vec<&str> = Vec::new();
+        for phase in phases {
+            for prog in phase["programs"].as_array().into_iter().flatten() {
+                let name = str_of(&prog["program"]);
+                if !programs.contains(&name) {
+                    programs.push(name);
+                }
+            }
+        }
+        let _ = writeln!(
+            md,
+            "## Per-program run time (kernel BPF statistics)\n\nFrom `kernel.bpf_stats_enabled=1` \
+             (restored afterwards): the kernel's own `run_time_ns / run_cnt` of each program \
+             attached to the hooked cgroup, per phase of the run. A cell is the average run time \
+             and, in parentheses, the number of runs; connect4/6 run once per `connect()` from the \
+             hooked cgroup, sock_ops on socket events, ingress once per packet delivered to a pod.\n"
+        );
+        let _ = write!(md, "| phase |");
+        for name in &programs {
+            let _ = write!(md, " {name} |");
+        }
+        let _ = writeln!(md);
+        let _ = write!(md, "|---|");
+        for _ in &programs {
+            let _ = write!(md, "---:|");
+        }
+        let _ = writeln!(md);
+        for phase in phases {
+            let _ = write!(md, "| `{}` |", str_of(&phase["phase"]));
+            for name in &programs {
+                let cell = phase["programs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|p| p["program"] == *name)
+                    .and_then(|p| {
+                        let runs = p["runs"].as_u64()?;
+                        let avg = p["avg_ns"].as_f64()?;
+                        Some(format!("{avg:.0} ns ({runs})"))
+                    })
+                    .unwrap_or_else(|| "–".to_owned());
+                let _ = write!(md, " {cell} |");
+            }
+            let _ = writeln!(md);
+        }
+        let _ = writeln!(md);
+    }
+}
+
+fn method(md: &mut String) {
+    let _ = writeln!(
+        md,
+        "## Method\n\n\
+         - `cargo xtask bench` builds the gateway in release mode and runs \
+           `cargo bench -p nodegate-tests --bench datapath` as root (`tests/benches/datapath/`). \
+           The backend is the bench executable itself, started inside the backend pod; it answers \
+           each 64-byte request with 256 bytes, from a pool of accepting threads.\n\
+         - The bench process moves itself between cgroups (the node's own cgroup has no hooks, the \
+           client pod's is hooked) and runs its sockets on a thread inside the client pod's network \
+           namespace.\n\
+         - `connect()` benchmarks time only the `connect(2)` call; each is followed by an untimed \
+           round trip, so that the server or the proxy has taken the connection before the next \
+           one (their accept queues never fill), and every client connection is closed with an RST \
+           (`SO_LINGER` 0) so that hundreds of thousands of connections do not exhaust ephemeral \
+           ports. The simulated node's namespaces use ports 16000-65000 and `tcp_tw_reuse=1`.\n\
+         - The proxy writes one decision line per connection (stdout and a file): that cost is \
+           part of every proxied number, as it is in production.\n\
+         - criterion: estimates are of the time per iteration; medians are compared for the \
+           ratios. The percentile pass measures each request on its own with `Instant`.\n\
+         - Client, proxy and backend share the machine's CPUs: on a small machine the proxy's \
+           throughput ratio reflects CPU contention as much as per-request cost.\n"
+    );
+}
+
+fn str_of(value: &Value) -> &str {
+    value.as_str().unwrap_or("?")
+}
+
+fn num(value: &Value) -> f64 {
+    value.as_f64().unwrap_or(f64::NAN)
+}
+
+fn ratio(value: f64, baseline: f64) -> String {
+    if baseline > 0.0 && value.is_finite() {
+        format!("{:.2}×", value / baseline)
+    } else {
+        "–".to_owned()
+    }
+}
+
+fn nanos(ns: f64) -> String {
+    if ns >= 1_000_000.0 {
+        format!("{:.2} ms", ns / 1_000_000.0)
+    } else if ns >= 1_000.0 {
+        format!("{:.2} µs", ns / 1_000.0)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+fn micros(us: f64) -> String {
+    nanos(us * 1_000.0)
+}
+
+fn today() -> String {
+    cmd::output(Command::new("date").args(["-u", "+%Y-%m-%d"]))
+        .map_or_else(|| "?".to_owned(), |d| d.trim().to_owned())
+}
+
+fn commit() -> String {
+    let root = cmd::project_root();
+    let sha = cmd::output(Command::new("git").arg("-C").arg(&root).args([
+        "rev-parse",
+        "--short",
+        "HEAD",
+    ]))
+    .map_or_else(|| "?".to_owned(), |s| s.trim().to_owned());
+    let dirty = cmd::output(Command::new("git").arg("-C").arg(&root).args([
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+    ]))
+    .is_some_and(|s| !s.trim().is_empty());
+    if dirty {
+        format!("{sha}, with local changes")
+    } else {
+        sha
+    }
+}
+
+/// Checks the report writer against a results file without running anything:
+/// `cargo xtask bench --output X` after a run uses the same code.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_durations_and_ratios() {
+        assert_eq!(nanos(950.0), "950 ns");
+        assert_eq!(nanos(6_543.0), "6.54 µs");
+        assert_eq!(nanos(2_500_000.0), "2.50 ms");
+        assert_eq!(micros(12.5), "12.50 µs");
+        assert_eq!(ratio(3.0, 2.0), "1.50×");
+        assert_eq!(ratio(3.0, 0.0), "–");
+    }
+
+    #[test]
+    fn renders_every_section_from_results() {
+        let results = serde_json::json!({
+            "quick": true,
+            "environment": { "cpu": "Test CPU", "cpus": 2, "kernel": "6.18", "gateway": "g" },
+            "criterion": { "benchmarks": [] },
+            "latency": [
+                { "kind": "persistent", "mode": "direct", "stats": { "count": 10, "p50_us": 10.0, "p90_us": 11.0, "p99_us": 20.0, "max_us": 30.0, "per_s": 90_000.0 } },
+                { "kind": "persistent", "mode": "proxy", "stats": { "count": 10, "p50_us": 30.0, "p90_us": 33.0, "p99_us": 50.0, "max_us": 90.0, "per_s": 30_000.0 } }
+            ],
+            "concurrent": [
+                { "mode": "direct", "connections": 8, "per_s": 100_000.0 },
+                { "mode": "proxy", "connections": 8, "per_s": 40_000.0 }
+            ],
+            "upload": [
+                { "mode": "direct", "bytes": 33_554_432, "mib_per_s": 2000.0 },
+                { "mode": "proxy", "bytes": 33_554_432, "mib_per_s": 1000.0 }
+            ],
+            "bpf": [
+                { "phase": "connect/redirected", "programs": [
+                    { "program": "ng_connect4", "runs": 100, "avg_ns": 400.0 },
+                    { "program": "ng_ingress", "runs": 0, "avg_ns": null }
+                ] }
+            ]
+        });
+        let md = Report::new(&results, Path::new("/nonexistent"), SystemTime::UNIX_EPOCH).render();
+        assert!(md.contains("Quick run"), "{md}");
+        assert!(
+            md.contains("| on an open connection | proxy | 10 | 30.00 µs |"),
+            "{md}"
+        );
+        assert!(md.contains("| 3.00× | 2.50× |"), "{md}");
+        assert!(md.contains("| 8 connections, small requests back to back | 100000 req/s | 40000 req/s | 0.40× |"), "{md}");
+        assert!(
+            md.contains("| `connect/redirected` | 400 ns (100) | – |"),
+            "{md}"
+        );
+    }
 }

@@ -1,2 +1,12 @@
+//! `gateway`: the Nodegate daemon and its CLI. See docs/ARCHITECTURE.md.
+
+mod admin;
+mod cli;
+mod config;
 mod ebpf;
-fn main() {}
+mod proxy;
+mod telemetry;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

@@ -1,0 +1,249 @@
+//! The command line: `run`, `check-config`, `counters`, `status`, `detach`.
+//! Exit codes: 0 ok, 64 config or usage error (`EX_USAGE`), 1 runtime error.
+
+mod inspect;
+mod run;
+mod table;
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    admin::AdminError,
+    config::{Config, ConfigError},
+    ebpf::{self, EbpfError},
+    proxy::ProxyError,
+    telemetry::{self, TelemetryError},
+};
+
+const EXIT_USAGE: u8 = 64;
+const EXIT_RUNTIME: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "Nodegate: a kernel-enforced access gateway for Kubernetes nodes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load and attach the eBPF programs, sync the maps, run the proxy and the admin server.
+    Run {
+        /// Config file (YAML). Without it, the embedded default config.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Bypass counters per service, source, reason and action, from the pinned maps.
+    Counters {
+        #[command(flatten)]
+        pins: Pins,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attached programs and links, protected destinations, gateways, services and modes.
+    Status {
+        #[command(flatten)]
+        pins: Pins,
+        /// JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a config file: exit 0 with a summary, or a message and exit 64.
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Remove the pinned links (detaching the programs) and the pinned maps.
+    Detach {
+        #[command(flatten)]
+        pins: Pins,
+    },
+}
+
+/// Where the pins are: from a config's `bpffs`, or given directly.
+#[derive(Debug, Args)]
+struct Pins {
+    /// Take the pin directory from this config file.
+    #[arg(long, short, value_name = "FILE", conflicts_with = "bpffs")]
+    config: Option<PathBuf>,
+    /// The pin directory.
+    #[arg(long, value_name = "DIR")]
+    bpffs: Option<PathBuf>,
+}
+
+impl Pins {
+    fn dir(&self) -> Result<PathBuf, CliError> {
+        match (&self.config, &self.bpffs) {
+            (Some(config), _) => Ok(Config::load(config)?.bpffs),
+            (None, Some(dir)) => Ok(dir.clone()),
+            (None, None) => Ok(PathBuf::from(ebpf::DEFAULT_BPFFS)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{context}")]
+    Ebpf {
+        context: String,
+        #[source]
+        source: EbpfError,
+    },
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
+    #[error("cannot start the {what} runtime")]
+    Runtime {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install the {signal} handler")]
+    Signal {
+        signal: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the output")]
+    Output(#[source] std::io::Error),
+    #[error("the proxy stopped unexpectedly")]
+    ProxyTask(#[source] tokio::task::JoinError),
+}
+
+impl CliError {
+    fn ebpf(context: impl Into<String>) -> impl FnOnce(EbpfError) -> Self {
+        let context = context.into();
+        move |source| Self::Ebpf { context, source }
+    }
+
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) => EXIT_USAGE,
+            _ => EXIT_RUNTIME,
+        }
+    }
+}
+
+/// The message and its causes on one line: `error: a: b: c`.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // `#[error(transparent)]` and friends repeat their source's text.
+        if !out.ends_with(&cause_text) {
+            out.push_str(": ");
+            out.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let code = if err.use_stderr() { EXIT_USAGE } else { 0 };
+            // clap formats help, version and usage errors itself.
+            let _ = err.print();
+            return ExitCode::from(code);
+        }
+    };
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", error_chain(&err));
+            ExitCode::from(err.exit_code())
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<(), CliError> {
+    if !matches!(command, Command::Run { .. }) {
+        // Short-lived commands: warnings only, unless RUST_LOG says otherwise. A second
+        // subscriber cannot be installed, which is harmless here.
+        let _ = telemetry::init_cli("warn");
+    }
+    match command {
+        Command::Run { config } => run::run(config.as_deref()),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Counters { pins, json } => inspect::counters(&pins.dir()?, json),
+        Command::Status { pins, json } => inspect::status(&pins.dir()?, json),
+        Command::Detach { pins } => inspect::detach(&pins.dir()?),
+    }
+}
+
+fn check_config(file: &Path) -> Result<(), CliError> {
+    let config = Config::load(file)?;
+    println!("ok: {}: {}", file.display(), config.summary());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_and_flags() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("gateway").chain(args.iter().copied()))
+        };
+        assert!(matches!(
+            parse(&["run"]).unwrap().command,
+            Command::Run { config: None }
+        ));
+        assert!(matches!(
+            parse(&["counters", "--json", "--bpffs", "/x"])
+                .unwrap()
+                .command,
+            Command::Counters { json: true, .. }
+        ));
+        let err = parse(&["status", "--config", "a.yaml", "--bpffs", "/x"]).unwrap_err();
+        assert!(err.use_stderr());
+        assert!(parse(&["check-config"]).is_err());
+        assert!(parse(&["frobnicate"]).is_err());
+    }
+
+    #[test]
+    fn pin_dir_defaults_and_overrides() {
+        let pins = Pins {
+            config: None,
+            bpffs: None,
+        };
+        assert_eq!(pins.dir().unwrap(), PathBuf::from(ebpf::DEFAULT_BPFFS));
+        let pins = Pins {
+            config: None,
+            bpffs: Some("/sys/fs/bpf/t1".into()),
+        };
+        assert_eq!(pins.dir().unwrap(), PathBuf::from("/sys/fs/bpf/t1"));
+    }
+
+    #[test]
+    fn config_errors_exit_64_with_the_cause() {
+        let err =
+            CliError::from(Config::load(Path::new("/nonexistent/nodegate.yaml")).unwrap_err());
+        assert_eq!(err.exit_code(), EXIT_USAGE);
+        let text = error_chain(&err);
+        assert!(
+            text.starts_with("cannot read config file /nonexistent/nodegate.yaml: "),
+            "{text}"
+        );
+        assert!(text.contains("No such file"), "{text}");
+    }
+}

@@ -1,0 +1,388 @@
+//! `gateway run`: config → telemetry → admin → datapath (attach, sync) → listeners → ready →
+//! serve; reload on SIGHUP and on file change; drain on SIGTERM/SIGINT.
+//!
+//! Three execution contexts: the proxy on a multi-thread runtime of its own (the data plane),
+//! the admin server on its own thread, and this control loop (signals, reloads, bypass events)
+//! on a current-thread runtime in the main thread.
+
+use std::{
+    hash::{DefaultHasher, Hash as _, Hasher as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use super::CliError;
+use crate::{
+    admin::{AdminServer, Readiness},
+    config::Config,
+    ebpf::{BypassEvents, Datapath, DatapathOptions, EbpfError, SyncReport},
+    proxy::{self, Routes, SharedRoutes},
+    telemetry::{
+        self, Metrics,
+        bypass::{BypassLog, ServiceLookup},
+        metrics::ReloadResult,
+    },
+};
+
+const RELOAD_POLL: Duration = Duration::from_secs(1);
+
+pub(super) fn run(path: Option<&Path>) -> Result<(), CliError> {
+    let config = match path {
+        Some(path) => Config::load(path)?,
+        None => Config::embedded()?,
+    };
+    let metrics = Arc::new(Metrics::new(Some(config.bpffs.clone())));
+    telemetry::init_daemon(config.log.decisions_file.as_deref(), &metrics)?;
+    tracing::info!(
+        origin = %config.origin,
+        config = %serde_json::to_string(&config).unwrap_or_default(),
+        "effective config"
+    );
+    tracing::info!("{}", config.summary());
+
+    let readiness = Arc::new(Readiness::default());
+    let admin = AdminServer::start(config.admin.listen, readiness.clone(), metrics.clone())?;
+    let runtime_err = |what| move |source| CliError::Runtime { what, source };
+    let dataplane = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("ng-proxy")
+        .enable_all()
+        .build()
+        .map_err(runtime_err("proxy"))?;
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(runtime_err("control"))?;
+
+    proxy::check_mark(config.proxy.mark)?;
+    let (datapath, events) = start_datapath(&config, &readiness, &control)?;
+    let listeners = proxy::bind(&config.proxy.listeners())?;
+    let routes = Routes::shared(&config);
+    let shared = Arc::new(proxy::Shared {
+        node: config.node.clone(),
+        routes: routes.clone(),
+        orig: Box::new(datapath.orig_dst()),
+        metrics: metrics.clone(),
+        mark: Some(config.proxy.mark),
+    });
+    let bypass_log = BypassLog::new(
+        config.node.clone(),
+        config.log.bypass_lines_per_source,
+        config.log.bypass_interval,
+        service_lookup(&routes),
+        metrics.clone(),
+    );
+    let drain = config.proxy.drain_timeout;
+    let mut reloader = Reloader::new(
+        config,
+        path.map(Path::to_path_buf),
+        datapath,
+        routes,
+        metrics,
+        readiness.clone(),
+    );
+
+    let result = control.block_on(async {
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let proxy_task =
+            dataplane.spawn(proxy::serve(listeners, shared, shutdown_rx.clone(), drain));
+        let bypass_task = tokio::spawn(bypass_log.run(events, shutdown_rx));
+        readiness.set_listening(true);
+        tracing::info!(admin = %admin.local_addr(), "ready");
+        let result = control_loop(&mut reloader, proxy_task).await;
+        readiness.set_listening(false);
+        let _ = shutdown_tx.send(true);
+        let result = match result {
+            Ok(mut proxy_task) => match (&mut proxy_task).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(err)) => Err(CliError::Proxy(err)),
+                Err(err) => Err(CliError::ProxyTask(err)),
+            },
+            Err(err) => Err(err),
+        };
+        if let Err(err) = bypass_task.await {
+            tracing::warn!(error = %err, "bypass log task failed");
+        }
+        result
+    });
+    dataplane.shutdown_timeout(Duration::from_secs(1));
+    admin.stop();
+    // The datapath is dropped here; its links stay pinned, so protection holds (fail closed).
+    drop(reloader);
+    tracing::info!("stopped");
+    result
+}
+
+/// Attach the programs, sync the maps and open the event stream.
+fn start_datapath(
+    config: &Config,
+    readiness: &Readiness,
+    control: &tokio::runtime::Runtime,
+) -> Result<(Datapath, BypassEvents), CliError> {
+    let mut datapath = Datapath::start(&DatapathOptions {
+        cgroup: config.cgroup.clone(),
+        bpffs: config.bpffs.clone(),
+    })
+    .map_err(CliError::ebpf(format!(
+        "cannot load and attach the eBPF programs (cgroup {}, bpffs {})",
+        config.cgroup.display(),
+        config.bpffs.display()
+    )))?;
+    for link in datapath.links() {
+        tracing::info!(
+            program = link.name,
+            how = link.how,
+            link_id = link.link_id,
+            "program attached"
+        );
+    }
+    tracing::info!(
+        cgroup_id = datapath.cgroup_id(),
+        bpffs = %datapath.bpffs().display(),
+        "datapath started"
+    );
+    readiness.set_attached(true);
+    let report = datapath
+        .sync(&config.desired_state())
+        .map_err(CliError::ebpf(
+            "cannot write the desired state to the kernel maps",
+        ))?;
+    log_sync(&report, "maps synced");
+    readiness.set_synced(true);
+    // The ring buffer registers with the reactor of the runtime that reads it.
+    let events = {
+        let _context = control.enter();
+        datapath
+            .take_events()
+            .map_err(CliError::ebpf("cannot open the bypass event ring buffer"))?
+    };
+    Ok((datapath, events))
+}
+
+type ProxyTask = tokio::task::JoinHandle<Result<(), proxy::ProxyError>>;
+
+/// Until SIGTERM/SIGINT: reload on SIGHUP and on file change. Returns the still running
+/// proxy task to drain, or an error if the proxy stopped on its own.
+async fn control_loop(
+    reloader: &mut Reloader,
+    mut proxy_task: ProxyTask,
+) -> Result<ProxyTask, CliError> {
+    let handler = |kind: SignalKind, name: &'static str| {
+        signal(kind).map_err(|source| CliError::Signal {
+            signal: name,
+            source,
+        })
+    };
+    let mut sigterm = handler(SignalKind::terminate(), "SIGTERM")?;
+    let mut sigint = handler(SignalKind::interrupt(), "SIGINT")?;
+    let mut sighup = handler(SignalKind::hangup(), "SIGHUP")?;
+    let mut poll = tokio::time::interval(RELOAD_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(proxy_task); }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(proxy_task); }
+            _ = sighup.recv() => reloader.reload("SIGHUP"),
+            _ = poll.tick() => reloader.poll(),
+            res = &mut proxy_task => return Err(match res {
+                Ok(Err(err)) => CliError::Proxy(err),
+                Ok(Ok(())) => CliError::Proxy(proxy::ProxyError::Listener(
+                    std::io::Error::other("the proxy stopped on its own"),
+                )),
+                Err(err) => CliError::ProxyTask(err),
+            }),
+        }
+    }
+}
+
+fn log_sync(report: &SyncReport, what: &str) {
+    tracing::info!(
+        dests_added = report.dests_added,
+        dests_removed = report.dests_removed,
+        gateways_added = report.gateways_added,
+        gateways_removed = report.gateways_removed,
+        "{what}"
+    );
+}
+
+fn service_lookup(routes: &SharedRoutes) -> ServiceLookup {
+    let routes = routes.clone();
+    Box::new(move |id| routes.load().service(id).map(|s| (s.name.clone(), s.mode)))
+}
+
+/// Applies config changes: new services and rules for new connections, the maps re-synced;
+/// a config that does not parse, or that changes something only a restart can, is refused
+/// and the running one kept.
+struct Reloader {
+    config: Config,
+    path: Option<PathBuf>,
+    datapath: Datapath,
+    routes: SharedRoutes,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    /// What the file looked like at the last check.
+    seen: Option<Fingerprint>,
+    /// Whether the file was unreadable at the last check (to warn once, not every second).
+    unreadable: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{} changed: this needs a restart", .0.join(", "))]
+    RestartRequired(Vec<&'static str>),
+    #[error("cannot sync the kernel maps with the new config")]
+    Sync(#[source] EbpfError),
+}
+
+/// Enough of a file to tell whether it changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    mtime: Option<SystemTime>,
+    len: u64,
+    hash: u64,
+}
+
+fn content_hash(text: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+impl Reloader {
+    fn new(
+        config: Config,
+        path: Option<PathBuf>,
+        datapath: Datapath,
+        routes: SharedRoutes,
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+    ) -> Self {
+        let mut this = Self {
+            config,
+            path,
+            datapath,
+            routes,
+            metrics,
+            readiness,
+            seen: None,
+            unreadable: false,
+        };
+        // The running config came from the file as it is now.
+        this.seen = this.fingerprint().map(|(fp, _)| fp);
+        this
+    }
+
+    fn fingerprint(&mut self) -> Option<(Fingerprint, String)> {
+        let path = self.path.as_ref()?;
+        let read = std::fs::metadata(path).and_then(|meta| {
+            let text = std::fs::read_to_string(path)?;
+            let fingerprint = Fingerprint {
+                mtime: meta.modified().ok(),
+                len: meta.len(),
+                hash: content_hash(text.as_bytes()),
+            };
+            Ok((fingerprint, text))
+        });
+        match read {
+            Ok(found) => {
+                self.unreadable = false;
+                Some(found)
+            }
+            Err(err) => {
+                if !self.unreadable {
+                    tracing::warn!(path = %path.display(), error = %err, "cannot read the config file; keeping the running config");
+                    self.unreadable = true;
+                }
+                None
+            }
+        }
+    }
+
+    /// Called every second: reload when the content changed.
+    fn poll(&mut self) {
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        // Cheap check first: the content is only read when mtime or size moved.
+        if let (Ok(meta), Some(seen)) = (std::fs::metadata(&path), self.seen)
+            && meta.modified().ok() == seen.mtime
+            && meta.len() == seen.len
+        {
+            return;
+        }
+        let Some((fp, text)) = self.fingerprint() else {
+            return;
+        };
+        let changed = self.seen.is_none_or(|seen| seen.hash != fp.hash);
+        self.seen = Some(fp);
+        if changed {
+            self.apply_text(&text, "file changed");
+        }
+    }
+
+    /// SIGHUP: re-read and apply, changed or not.
+    fn reload(&mut self, why: &str) {
+        if self.path.is_none() {
+            tracing::info!("{why}: running on the embedded default config; nothing to reload");
+            return;
+        }
+        if let Some((fp, text)) = self.fingerprint() {
+            self.seen = Some(fp);
+            self.apply_text(&text, why);
+        }
+    }
+
+    fn apply_text(&mut self, text: &str, why: &str) {
+        let origin = self.config.origin.clone();
+        let result = Config::parse(text, origin)
+            .map_err(ReloadError::from)
+            .and_then(|new| self.apply(new));
+        match result {
+            Ok(report) => {
+                self.metrics.config_reload(ReloadResult::Ok);
+                log_sync(&report, "config reloaded");
+                tracing::info!(reason = why, "{}", self.config.summary());
+            }
+            Err(err) => {
+                self.metrics.config_reload(ReloadResult::Error);
+                tracing::warn!(
+                    reason = why,
+                    error = %super::error_chain(&err),
+                    "config reload refused; keeping the running config"
+                );
+            }
+        }
+    }
+
+    fn apply(&mut self, new: Config) -> Result<SyncReport, ReloadError> {
+        let restart = self.config.restart_required(&new);
+        if !restart.is_empty() {
+            return Err(ReloadError::RestartRequired(restart));
+        }
+        // The table first: a destination the maps start redirecting is already known to the
+        // proxy. Open connections keep their own snapshot.
+        let old = self.routes.swap(Arc::new(Routes::new(&new)));
+        match self.datapath.sync(&new.desired_state()) {
+            Ok(report) => {
+                self.config = new;
+                self.readiness.set_synced(true);
+                Ok(report)
+            }
+            Err(err) => {
+                self.routes.store(old);
+                if let Err(again) = self.datapath.sync(&self.config.desired_state()) {
+                    tracing::error!(error = %again, "cannot restore the previous maps either; not ready");
+                    self.readiness.set_synced(false);
+                }
+                Err(ReloadError::Sync(err))
+            }
+        }
+    }
+}

@@ -1,0 +1,797 @@
+//! The static configuration: YAML (`raw`) parsed once into domain types. Every later stage
+//! (proxy routes, the kernel's desired state, the admin server) reads the parsed form only:
+//! addresses are canonical (IPv4-mapped IPv6 becomes IPv4), CIDRs are truncated to their
+//! network, service ids are computed, and every cross-field rule has been checked.
+
+mod raw;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::ebpf::{self, DesiredService, DesiredState, Mode};
+
+/// The configuration `gateway run` uses without `--config`: protects nothing, listens on
+/// loopback (a VM or a laptop where every client is in the host network namespace).
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/default.yaml");
+
+/// `SO_MARK` of the gateway's upstream sockets when `proxy.mark` is not set ("NG").
+pub const DEFAULT_MARK: u32 = 0x4e47;
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15021));
+pub const DEFAULT_BYPASS_LINES_PER_SOURCE: u32 = 5;
+pub const DEFAULT_BYPASS_INTERVAL: Duration = Duration::from_secs(1);
+/// `gateway_common::SERVICE_NAME_LEN` less the terminating NUL.
+pub const MAX_SERVICE_NAME_LEN: usize = gateway_common::SERVICE_NAME_LEN - 1;
+
+/// Where a configuration came from (for messages and for reloads).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    File(PathBuf),
+    Embedded,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "{}", path.display()),
+            Self::Embedded => f.write_str("<embedded default config>"),
+        }
+    }
+}
+
+/// One problem in a config, named by its field path (`services[1].vips[0]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin}: not a valid nodegate config")]
+    Syntax {
+        origin: Origin,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("{origin}: {}", display_problems(.problems))]
+    Invalid {
+        origin: Origin,
+        problems: Vec<FieldError>,
+    },
+}
+
+fn display_problems(problems: &[FieldError]) -> String {
+    match problems {
+        [one] => one.to_string(),
+        many => {
+            let mut out = format!("{} problems:", many.len());
+            for p in many {
+                out.push_str("\n  - ");
+                out.push_str(&p.to_string());
+            }
+            out
+        }
+    }
+}
+
+/// The parsed, checked configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    pub origin: Origin,
+    pub node: String,
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub gateways: Vec<IpAddr>,
+    pub log: LogConfig,
+    pub services: Vec<Service>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProxyConfig {
+    /// The first listener (IPv4 or IPv6).
+    pub listen: SocketAddr,
+    /// A second, IPv6 listener next to an IPv4 `listen`.
+    pub listen_v6: Option<SocketAddrV6>,
+    pub mark: u32,
+    #[serde(rename = "connect_timeout_ms", serialize_with = "as_millis")]
+    pub connect_timeout: Duration,
+    #[serde(rename = "drain_timeout_ms", serialize_with = "as_millis")]
+    pub drain_timeout: Duration,
+}
+
+impl ProxyConfig {
+    /// The IPv4 listener, where IPv4 connections are redirected.
+    pub fn v4(&self) -> Option<SocketAddrV4> {
+        match self.listen {
+            SocketAddr::V4(a) => Some(a),
+            SocketAddr::V6(_) => None,
+        }
+    }
+
+    /// The IPv6 listener, where IPv6 connections are redirected.
+    pub fn v6(&self) -> Option<SocketAddrV6> {
+        match self.listen {
+            SocketAddr::V6(a) => Some(a),
+            SocketAddr::V4(_) => self.listen_v6,
+        }
+    }
+
+    /// Every address the proxy listens on.
+    pub fn listeners(&self) -> Vec<SocketAddr> {
+        let mut out = vec![self.listen];
+        out.extend(self.listen_v6.map(SocketAddr::V6));
+        out
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogConfig {
+    pub decisions_file: Option<PathBuf>,
+    pub bypass_lines_per_source: u32,
+    #[serde(rename = "bypass_interval_ms", serialize_with = "as_millis")]
+    pub bypass_interval: Duration,
+}
+
+/// A protected service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub id: u32,
+    pub name: String,
+    pub mode: Mode,
+    pub vips: Vec<SocketAddr>,
+    pub endpoints: Vec<SocketAddr>,
+    pub rule: L4Rule,
+}
+
+/// The L4 access rule of a service: the connection's source must be in one of the CIDRs.
+/// No CIDR means deny all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct L4Rule {
+    pub allow_sources: Vec<IpNet>,
+}
+
+impl L4Rule {
+    /// Whether `src` may connect. IPv4-mapped IPv6 sources are matched as IPv4.
+    pub fn allows(&self, src: IpAddr) -> bool {
+        let src = src.to_canonical();
+        self.allow_sources.iter().any(|net| net.contains(&src))
+    }
+}
+
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u128(d.as_millis())
+}
+
+/// Stable 32-bit id of a service: FNV-1a of its name, never 0 (0 is "no service" in the maps).
+pub fn service_id(name: &str) -> u32 {
+    const OFFSET: u32 = 0x811c_9dc5;
+    const PRIME: u32 = 0x0100_0193;
+    let hash = name
+        .bytes()
+        .fold(OFFSET, |h, b| (h ^ u32::from(b)).wrapping_mul(PRIME));
+    // Deterministic, so still stable; a clash with the name hashing to 1 is caught like any other.
+    if hash == 0 { 1 } else { hash }
+}
+
+impl Config {
+    /// Read and parse a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, Origin::File(path.to_path_buf()))
+    }
+
+    /// The embedded default config.
+    pub fn embedded() -> Result<Self, ConfigError> {
+        Self::parse(EMBEDDED_DEFAULT, Origin::Embedded)
+    }
+
+    /// Parse a config from YAML text. `node` defaults to the hostname.
+    pub fn parse(text: &str, origin: Origin) -> Result<Self, ConfigError> {
+        Self::parse_with(text, origin, hostname)
+    }
+
+    fn parse_with(
+        text: &str,
+        origin: Origin,
+        default_node: impl FnOnce() -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let raw: raw::RawConfig = match serde_yaml::from_str(text) {
+            Ok(raw) => raw,
+            Err(source) => return Err(ConfigError::Syntax { origin, source }),
+        };
+        let mut p = Problems::default();
+        let config = Self::from_raw(raw, origin.clone(), default_node, &mut p);
+        match config {
+            Some(config) if p.0.is_empty() => Ok(config),
+            _ => Err(ConfigError::Invalid {
+                origin,
+                problems: p.0,
+            }),
+        }
+    }
+
+    /// The kernel maps' desired content.
+    pub fn desired_state(&self) -> DesiredState {
+        DesiredState {
+            proxy_v4: self.proxy.v4(),
+            proxy_v6: self.proxy.v6(),
+            mark: self.proxy.mark,
+            gateways: self.gateways.clone(),
+            services: self
+                .services
+                .iter()
+                .map(|s| DesiredService {
+                    id: s.id,
+                    name: s.name.clone(),
+                    mode: s.mode,
+                    vips: s.vips.clone(),
+                    endpoints: s.endpoints.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Fields that differ from `self` and cannot change without a restart (listeners, pins,
+    /// the attach point, the mark the kernel uses to recognise the gateway, log sinks).
+    pub fn restart_required(&self, new: &Self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut check = |name, differs: bool| {
+            if differs {
+                out.push(name);
+            }
+        };
+        check("node", self.node != new.node);
+        check("cgroup", self.cgroup != new.cgroup);
+        check("bpffs", self.bpffs != new.bpffs);
+        check("proxy.listen", self.proxy.listen != new.proxy.listen);
+        check(
+            "proxy.listen_v6",
+            self.proxy.listen_v6 != new.proxy.listen_v6,
+        );
+        check("proxy.mark", self.proxy.mark != new.proxy.mark);
+        check(
+            "proxy.drain_timeout_ms",
+            self.proxy.drain_timeout != new.proxy.drain_timeout,
+        );
+        check("admin.listen", self.admin.listen != new.admin.listen);
+        check("log", self.log != new.log);
+        out
+    }
+
+    /// Number of protected destinations (VIPs + endpoints).
+    pub fn destination_count(&self) -> usize {
+        self.services
+            .iter()
+            .map(|s| s.vips.len() + s.endpoints.len())
+            .sum()
+    }
+
+    /// One line for `check-config` and the start-up log.
+    pub fn summary(&self) -> String {
+        let audit = self
+            .services
+            .iter()
+            .filter(|s| s.mode == Mode::Audit)
+            .count();
+        let listeners = self
+            .proxy
+            .listeners()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" + ");
+        format!(
+            "node {}: {} service(s) ({} enforce, {audit} audit), {} protected destination(s), \
+             {} gateway source(s), proxy {listeners}, admin {}, cgroup {}, bpffs {}",
+            self.node,
+            self.services.len(),
+            self.services.len() - audit,
+            self.destination_count(),
+            self.gateways.len(),
+            self.admin.listen,
+            self.cgroup.display(),
+            self.bpffs.display(),
+        )
+    }
+
+    fn from_raw(
+        raw: raw::RawConfig,
+        origin: Origin,
+        default_node: impl FnOnce() -> Option<String>,
+        p: &mut Problems,
+    ) -> Option<Self> {
+        let node = if let Some(node) = raw.node {
+            parse_node(&node).map_err(|m| p.push("node", m)).ok()
+        } else if let Some(host) = default_node() {
+            parse_node(&host)
+                .map_err(|m| p.push("node", format!("not set, and the hostname {m}")))
+                .ok()
+        } else {
+            p.push("node", "not set, and the hostname could not be read");
+            None
+        };
+        let cgroup = match raw.cgroup {
+            Some(c) if c.is_absolute() => Some(c),
+            Some(c) => {
+                p.push(
+                    "cgroup",
+                    format!(
+                        "{:?} must be an absolute path to a cgroup v2 directory",
+                        c.display()
+                    ),
+                );
+                None
+            }
+            None => {
+                p.push(
+                    "cgroup",
+                    "missing: set the cgroup v2 directory whose processes are intercepted \
+                     (e.g. /sys/fs/cgroup/kubepods.slice)",
+                );
+                None
+            }
+        };
+        let bpffs = match raw.bpffs {
+            Some(b) if b.is_absolute() => Some(b),
+            Some(b) => {
+                p.push(
+                    "bpffs",
+                    format!(
+                        "{:?} must be an absolute path under a bpffs mount",
+                        b.display()
+                    ),
+                );
+                None
+            }
+            None => Some(PathBuf::from(ebpf::DEFAULT_BPFFS)),
+        };
+        let proxy = parse_proxy(raw.proxy, p);
+        let admin = parse_admin(raw.admin, p);
+        let gateways = parse_gateways(&raw.gateways, p);
+        let log = parse_log(raw.log, p);
+        let services = parse_services(raw.services, p);
+
+        let (node, cgroup, bpffs, proxy, admin, log) =
+            (node?, cgroup?, bpffs?, proxy?, admin?, log?);
+        check_cross_fields(&proxy, &admin, &gateways, &services, p);
+        Some(Self {
+            origin,
+            node,
+            cgroup,
+            bpffs,
+            proxy,
+            admin,
+            gateways,
+            log,
+            services,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<FieldError>);
+
+impl Problems {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+fn parse_node(node: &str) -> Result<String, String> {
+    let node = node.trim();
+    if node.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if node.len() > 253 || !node.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "{node:?} is not a node name (at most 253 printable ASCII characters, no spaces)"
+        ));
+    }
+    Ok(node.to_owned())
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+fn parse_socket_addr(value: &str) -> Result<SocketAddr, String> {
+    value
+        .trim()
+        .parse::<SocketAddr>()
+        .map(canonical)
+        .map_err(|_| {
+            format!("{value:?} is not an address:port (e.g. 10.96.0.10:80 or [fd96::10]:80)")
+        })
+}
+
+/// An address the kernel redirects to or a protected destination: a real unicast address
+/// with a port.
+fn parse_unicast_socket_addr(value: &str) -> Result<SocketAddr, String> {
+    let addr = parse_socket_addr(value)?;
+    if addr.port() == 0 {
+        return Err(format!("{value:?}: port 0 is not a destination"));
+    }
+    if addr.ip().is_unspecified() || addr.ip().is_multicast() {
+        return Err(format!("{value:?}: {} is not a unicast address", addr.ip()));
+    }
+    Ok(addr)
+}
+
+fn parse_ip(value: &str) -> Result<IpAddr, String> {
+    value
+        .trim()
+        .parse::<IpAddr>()
+        .map(|ip| ip.to_canonical())
+        .map_err(|_| format!("{value:?} is not an IP address (e.g. 10.77.0.1 or fd77::1)"))
+}
+
+fn parse_cidr(value: &str) -> Result<IpNet, String> {
+    let value_t = value.trim();
+    if value_t.contains('/') {
+        value_t
+            .parse::<IpNet>()
+            .map(|net| net.trunc())
+            .map_err(|_| format!("{value:?} is not a CIDR (e.g. 10.77.1.0/24 or fd77:1::/64)"))
+    } else {
+        parse_ip(value_t)
+            .map(IpNet::from)
+            .map_err(|_| format!("{value:?} is not a CIDR or an IP address (e.g. 10.77.1.0/24)"))
+    }
+}
+
+fn parse_mark(value: &serde_yaml::Value) -> Result<u32, String> {
+    let parsed = match value {
+        serde_yaml::Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+        serde_yaml::Value::String(s) => {
+            let s = s.trim();
+            match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+                Some(hex) => u32::from_str_radix(hex, 16).ok(),
+                None => s.parse::<u32>().ok(),
+            }
+        }
+        _ => None,
+    };
+    match parsed {
+        Some(0) => Err(
+            "0 is no mark: the kernel could not tell the gateway's own sockets \
+                        from the pods' (use e.g. 0x4e47)"
+                .into(),
+        ),
+        Some(mark) => Ok(mark),
+        None => Err(format!(
+            "{} is not a 32-bit socket mark (an integer or a \"0x...\" string)",
+            serde_yaml::to_string(value).map_or_else(|_| "value".into(), |s| s.trim().to_owned())
+        )),
+    }
+}
+
+fn parse_millis(path: &str, ms: Option<u64>, default: Duration, p: &mut Problems) -> Duration {
+    match ms {
+        None => default,
+        Some(0) => {
+            p.push(path, "must be greater than 0");
+            default
+        }
+        Some(ms) => Duration::from_millis(ms),
+    }
+}
+
+fn parse_proxy(raw: Option<raw::RawProxy>, p: &mut Problems) -> Option<ProxyConfig> {
+    let Some(raw) = raw else {
+        p.push(
+            "proxy",
+            "missing: set proxy.listen, the address:port pods are redirected to",
+        );
+        return None;
+    };
+    let listen = if let Some(v) = raw.listen.as_deref() {
+        parse_unicast_socket_addr(v)
+            .map_err(|m| p.push("proxy.listen", m))
+            .ok()
+    } else {
+        p.push(
+            "proxy.listen",
+            "missing: set the address:port pods are redirected to (e.g. 10.77.0.1:15001)",
+        );
+        None
+    };
+    let listen_v6 = match raw.listen_v6.as_deref() {
+        None => Ok(None),
+        Some(v) => match parse_unicast_socket_addr(v) {
+            Ok(SocketAddr::V6(a)) => Ok(Some(a)),
+            Ok(SocketAddr::V4(_)) => Err(format!("{v:?} is not an IPv6 address:port")),
+            Err(m) => Err(m),
+        },
+    };
+    let listen_v6 = listen_v6.map_err(|m| p.push("proxy.listen_v6", m)).ok();
+    if listen.is_some_and(|l| l.is_ipv6()) && listen_v6.flatten().is_some() {
+        p.push(
+            "proxy.listen_v6",
+            "proxy.listen is already IPv6; listen_v6 is the IPv6 listener next to an IPv4 listen",
+        );
+    }
+    let mark = match &raw.mark {
+        None => Some(DEFAULT_MARK),
+        Some(v) => parse_mark(v).map_err(|m| p.push("proxy.mark", m)).ok(),
+    };
+    let connect_timeout = parse_millis(
+        "proxy.connect_timeout_ms",
+        raw.connect_timeout_ms,
+        DEFAULT_CONNECT_TIMEOUT,
+        p,
+    );
+    let drain_timeout = parse_millis(
+        "proxy.drain_timeout_ms",
+        raw.drain_timeout_ms,
+        DEFAULT_DRAIN_TIMEOUT,
+        p,
+    );
+    Some(ProxyConfig {
+        listen: listen?,
+        listen_v6: listen_v6?,
+        mark: mark?,
+        connect_timeout,
+        drain_timeout,
+    })
+}
+
+fn parse_admin(raw: Option<raw::RawAdmin>, p: &mut Problems) -> Option<AdminConfig> {
+    let listen = match raw.and_then(|a| a.listen) {
+        None => DEFAULT_ADMIN_LISTEN,
+        Some(v) => parse_socket_addr(&v)
+            .map_err(|m| p.push("admin.listen", m))
+            .ok()?,
+    };
+    Some(AdminConfig { listen })
+}
+
+fn parse_gateways(raw: &[String], p: &mut Problems) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = Vec::with_capacity(raw.len());
+    for (i, v) in raw.iter().enumerate() {
+        let path = format!("gateways[{i}]");
+        match parse_ip(v) {
+            Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
+                p.push(path, format!("{v:?} is not a unicast address"));
+            }
+            Ok(ip) if out.contains(&ip) => p.push(path, format!("{ip} is listed twice")),
+            Ok(ip) => out.push(ip),
+            Err(m) => p.push(path, m),
+        }
+    }
+    out
+}
+
+fn parse_log(raw: raw::RawLog, p: &mut Problems) -> Option<LogConfig> {
+    let bypass_lines_per_source = match raw.bypass_lines_per_source {
+        None => DEFAULT_BYPASS_LINES_PER_SOURCE,
+        Some(0) => {
+            p.push(
+                "log.bypass_lines_per_source",
+                "must be at least 1 (the counters are exact either way)",
+            );
+            DEFAULT_BYPASS_LINES_PER_SOURCE
+        }
+        Some(n) => n,
+    };
+    let bypass_interval = parse_millis(
+        "log.bypass_interval_ms",
+        raw.bypass_interval_ms,
+        DEFAULT_BYPASS_INTERVAL,
+        p,
+    );
+    let decisions_file = match raw.decisions_file {
+        Some(f) if f.as_os_str().is_empty() || f.file_name().is_none() => {
+            p.push(
+                "log.decisions_file",
+                format!("{:?} is not a file path", f.display()),
+            );
+            return None;
+        }
+        other => other,
+    };
+    Some(LogConfig {
+        decisions_file,
+        bypass_lines_per_source,
+        bypass_interval,
+    })
+}
+
+fn check_service_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > MAX_SERVICE_NAME_LEN {
+        return Err(format!(
+            "{name:?} is longer than {MAX_SERVICE_NAME_LEN} bytes"
+        ));
+    }
+    let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let body_ok = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '/'));
+    if !body_ok || !edge_ok(name.chars().next()) || !edge_ok(name.chars().next_back()) {
+        return Err(format!(
+            "{name:?} is not a service name: lowercase letters, digits, '-', '.' and '/', \
+             starting and ending with a letter or digit (e.g. monitoring/grafana)"
+        ));
+    }
+    Ok(())
+}
+
+fn parse_services(raw: Vec<raw::RawService>, p: &mut Problems) -> Vec<Service> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut ids: HashMap<u32, (usize, String)> = HashMap::new();
+    let mut dests: HashMap<SocketAddr, String> = HashMap::new();
+    for (i, s) in raw.into_iter().enumerate() {
+        let base = format!("services[{i}]");
+        let mut ok = true;
+        if let Err(m) = check_service_name(&s.name) {
+            p.push(format!("{base}.name"), m);
+            ok = false;
+        } else if let Some(first) = names.get(&s.name) {
+            p.push(
+                format!("{base}.name"),
+                format!("{:?} is already the name of services[{first}]", s.name),
+            );
+            ok = false;
+        }
+        let id = service_id(&s.name);
+        if ok {
+            names.insert(s.name.clone(), i);
+            if let Some((first, other)) = ids.get(&id) {
+                p.push(
+                    format!("{base}.name"),
+                    format!(
+                        "{:?} has the same service id ({id:#010x}) as services[{first}] {other:?}; \
+                         rename one of them",
+                        s.name
+                    ),
+                );
+            } else {
+                ids.insert(id, (i, s.name.clone()));
+            }
+        }
+        let mut parse_dests = |field: &str, values: &[String]| {
+            let mut list = Vec::with_capacity(values.len());
+            for (j, v) in values.iter().enumerate() {
+                let path = format!("{base}.{field}[{j}]");
+                match parse_unicast_socket_addr(v) {
+                    Ok(addr) => {
+                        if let Some(first) = dests.get(&addr) {
+                            p.push(
+                                path,
+                                format!(
+                                    "{addr} is already protected by {first}; a destination \
+                                     belongs to exactly one service"
+                                ),
+                            );
+                        } else {
+                            dests.insert(addr, path);
+                            list.push(addr);
+                        }
+                    }
+                    Err(m) => p.push(path, m),
+                }
+            }
+            list
+        };
+        let vips = parse_dests("vips", &s.vips);
+        let endpoints = parse_dests("endpoints", &s.endpoints);
+        let mut allow_sources = Vec::with_capacity(s.allow_sources.len());
+        for (j, v) in s.allow_sources.iter().enumerate() {
+            match parse_cidr(v) {
+                Ok(net) => allow_sources.push(net),
+                Err(m) => p.push(format!("{base}.allow_sources[{j}]"), m),
+            }
+        }
+        out.push(Service {
+            id,
+            name: s.name,
+            mode: s.mode.unwrap_or(Mode::Enforce),
+            vips,
+            endpoints,
+            rule: L4Rule { allow_sources },
+        });
+    }
+    out
+}
+
+fn check_cross_fields(
+    proxy: &ProxyConfig,
+    admin: &AdminConfig,
+    gateways: &[IpAddr],
+    services: &[Service],
+    p: &mut Problems,
+) {
+    let listeners: HashSet<SocketAddr> = proxy.listeners().into_iter().collect();
+    if listeners.contains(&admin.listen) {
+        p.push(
+            "admin.listen",
+            format!("{} is also a proxy listener", admin.listen),
+        );
+    }
+    let mut has_endpoints = false;
+    for (i, s) in services.iter().enumerate() {
+        has_endpoints |= !s.endpoints.is_empty();
+        for (field, list) in [("vips", &s.vips), ("endpoints", &s.endpoints)] {
+            for (j, addr) in list.iter().enumerate() {
+                let path = format!("services[{i}].{field}[{j}]");
+                if listeners.contains(addr) {
+                    p.push(
+                        path,
+                        format!("{addr} is the proxy's own listener and cannot be protected"),
+                    );
+                } else if addr.is_ipv6() && proxy.v6().is_none() {
+                    p.push(
+                        path,
+                        format!(
+                            "{addr} is IPv6 but the proxy has no IPv6 listener \
+                             (set proxy.listen_v6)"
+                        ),
+                    );
+                } else if addr.is_ipv4() && proxy.v4().is_none() {
+                    p.push(
+                        path,
+                        format!(
+                            "{addr} is IPv4 but the proxy has no IPv4 listener \
+                             (make proxy.listen IPv4 and move the IPv6 one to proxy.listen_v6)"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    if has_endpoints && gateways.is_empty() {
+        p.push(
+            "gateways",
+            "empty, but services have endpoints: list the source addresses of the gateway's \
+             upstream connections (e.g. the node IP), or nothing could reach the endpoints",
+        );
+    }
+}

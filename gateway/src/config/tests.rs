@@ -1,0 +1,381 @@
+use super::*;
+
+const GOOD: &str = r#"
+node: node-a
+cgroup: /sys/fs/cgroup/unified/kubepods
+bpffs: /sys/fs/bpf/nodegate
+proxy:
+  listen: 10.77.0.1:15001
+  listen_v6: "[fd77::1]:15001"
+  mark: 0x4e47
+  connect_timeout_ms: 3000
+admin:
+  listen: 127.0.0.1:15021
+gateways: [10.77.0.1, "fd77::1"]
+log:
+  decisions_file: /var/log/nodegate/decisions.log
+  bypass_lines_per_source: 5
+  bypass_interval_ms: 1000
+services:
+  - name: grafana
+    mode: enforce
+    vips: ["10.96.0.10:80", "[fd96::10]:80"]
+    endpoints: ["10.77.2.2:8080"]
+    allow_sources: ["10.77.1.0/24"]
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse_with(text, Origin::Embedded, || Some("host-1".into()))
+}
+
+/// `GOOD` with `from` replaced by `to` (exactly once).
+fn good_with(from: &str, to: &str) -> String {
+    assert_eq!(
+        GOOD.matches(from).count(),
+        1,
+        "{from:?} must occur once in GOOD"
+    );
+    GOOD.replace(from, to)
+}
+
+#[test]
+fn good_config_parses_into_domain_types() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.node, "node-a");
+    assert_eq!(c.cgroup, PathBuf::from("/sys/fs/cgroup/unified/kubepods"));
+    assert_eq!(c.proxy.v4(), Some("10.77.0.1:15001".parse().unwrap()));
+    assert_eq!(c.proxy.v6(), Some("[fd77::1]:15001".parse().unwrap()));
+    assert_eq!(c.proxy.mark, 0x4e47);
+    assert_eq!(c.proxy.connect_timeout, Duration::from_secs(3));
+    assert_eq!(c.proxy.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+    assert_eq!(c.gateways.len(), 2);
+    assert_eq!(c.log.bypass_lines_per_source, 5);
+    let s = &c.services[0];
+    assert_eq!(s.id, service_id("grafana"));
+    assert_eq!(s.mode, Mode::Enforce);
+    assert_eq!(s.vips.len(), 2);
+    assert!(s.rule.allows("10.77.1.9".parse().unwrap()));
+
+    let d = c.desired_state();
+    assert_eq!(d.proxy_v4, c.proxy.v4());
+    assert_eq!(d.proxy_v6, c.proxy.v6());
+    assert_eq!(d.mark, 0x4e47);
+    assert_eq!(d.gateways, c.gateways);
+    assert_eq!(d.services[0].id, s.id);
+    assert_eq!(d.services[0].endpoints, s.endpoints);
+    assert!(
+        c.summary()
+            .contains("1 service(s) (1 enforce, 0 audit), 3 protected destination(s)")
+    );
+}
+
+#[test]
+fn defaults_and_alternative_forms() {
+    let c = parse(
+        r#"
+cgroup: /sys/fs/cgroup
+proxy: { listen: "[fd77::1]:15001", mark: "0x10" }
+services:
+  - name: a.b/c-1
+    mode: audit
+    vips: ["[fd96::1]:80"]
+    allow_sources: ["10.1.2.3", "10.77.1.5/24", "fd00::/8"]
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.node, "host-1");
+    assert_eq!(c.bpffs, PathBuf::from(ebpf::DEFAULT_BPFFS));
+    assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN);
+    assert_eq!(c.proxy.mark, 0x10);
+    assert_eq!(c.proxy.v4(), None);
+    assert_eq!(c.log.bypass_interval, DEFAULT_BYPASS_INTERVAL);
+    let s = &c.services[0];
+    assert_eq!(s.mode, Mode::Audit);
+    // An IPv4-mapped address is IPv4.
+    let mapped = parse(&good_with(
+        "\"10.96.0.10:80\"",
+        "\"[::ffff:10.96.0.10]:80\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        mapped.services[0].vips[0],
+        "10.96.0.10:80".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(
+        s.rule.allow_sources,
+        ["10.1.2.3/32", "10.77.1.0/24", "fd00::/8"].map(|n| n.parse::<IpNet>().unwrap())
+    );
+    assert_eq!(
+        parse(&good_with("mark: 0x4e47", "mark: 77"))
+            .unwrap()
+            .proxy
+            .mark,
+        77
+    );
+    assert_eq!(
+        parse(&good_with("mark: 0x4e47", "mark: \"123\""))
+            .unwrap()
+            .proxy
+            .mark,
+        123
+    );
+}
+
+#[test]
+fn ipv4_destination_without_ipv4_listener_is_an_error() {
+    let err = parse(
+        r#"
+cgroup: /sys/fs/cgroup
+proxy: { listen: "[fd77::1]:15001" }
+services:
+  - name: a
+    vips: ["10.96.0.1:80"]
+"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(
+            "services[0].vips[0]: 10.96.0.1:80 is IPv4 but the proxy has no IPv4 listener"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn embedded_default_and_example_parse() {
+    let c = Config::embedded().unwrap();
+    assert_eq!(c.services, []);
+    let example =
+        Config::parse(include_str!("../../config/example.yaml"), Origin::Embedded).unwrap();
+    assert_eq!(example.services.len(), 2);
+    assert_eq!(example.services[1].mode, Mode::Audit);
+}
+
+/// Each bad config and a fragment its message must contain (the field path and the value).
+#[test]
+fn bad_configs_name_the_field() {
+    let too_long = "a".repeat(64);
+    let cases: Vec<(String, &str)> = vec![
+        (
+            good_with("node: node-a", "node: node-a\nbogus: 1"),
+            "unknown field `bogus`",
+        ),
+        (
+            good_with("    mode: enforce", "    mode: enforce\n    colour: red"),
+            "services[0]: unknown field `colour`",
+        ),
+        (
+            good_with("mode: enforce", "mode: block"),
+            "unknown variant `block`",
+        ),
+        (
+            good_with("cgroup: /sys/fs/cgroup/unified/kubepods\n", ""),
+            "cgroup: missing",
+        ),
+        (
+            good_with(
+                "cgroup: /sys/fs/cgroup/unified/kubepods",
+                "cgroup: relative/dir",
+            ),
+            "cgroup: \"relative/dir\" must be an absolute path",
+        ),
+        (
+            good_with("listen: 10.77.0.1:15001", "listen: 10.77.0.1"),
+            "proxy.listen: \"10.77.0.1\" is not an address:port",
+        ),
+        (
+            good_with("listen: 10.77.0.1:15001", "listen: 0.0.0.0:15001"),
+            "proxy.listen: \"0.0.0.0:15001\": 0.0.0.0 is not a unicast address",
+        ),
+        (
+            good_with("listen: 10.77.0.1:15001", "listen: 10.77.0.1:0"),
+            "proxy.listen: \"10.77.0.1:0\": port 0",
+        ),
+        (
+            good_with(
+                "listen_v6: \"[fd77::1]:15001\"",
+                "listen_v6: \"10.77.0.2:15001\"",
+            ),
+            "proxy.listen_v6: \"10.77.0.2:15001\" is not an IPv6 address:port",
+        ),
+        (
+            good_with("  listen_v6: \"[fd77::1]:15001\"\n", ""),
+            "services[0].vips[1]: [fd96::10]:80 is IPv6 but the proxy has no IPv6 listener",
+        ),
+        (
+            good_with("mark: 0x4e47", "mark: 0"),
+            "proxy.mark: 0 is no mark",
+        ),
+        (
+            good_with("mark: 0x4e47", "mark: \"0xzz\""),
+            "proxy.mark: 0xzz is not a 32-bit socket mark",
+        ),
+        (
+            good_with("mark: 0x4e47", "mark: 4294967296"),
+            "proxy.mark: 4294967296 is not a 32-bit",
+        ),
+        (
+            good_with("connect_timeout_ms: 3000", "connect_timeout_ms: 0"),
+            "proxy.connect_timeout_ms: must be greater than 0",
+        ),
+        (
+            good_with("connect_timeout_ms: 3000", "connect_timeout_ms: -1"),
+            "proxy.connect_timeout_ms: invalid type: integer `-1`",
+        ),
+        (
+            good_with("listen: 127.0.0.1:15021", "listen: 10.77.0.1:15001"),
+            "admin.listen: 10.77.0.1:15001 is also a proxy listener",
+        ),
+        (
+            good_with("gateways: [10.77.0.1, \"fd77::1\"]", "gateways: []"),
+            "gateways: empty, but services have endpoints",
+        ),
+        (
+            good_with(
+                "gateways: [10.77.0.1, \"fd77::1\"]",
+                "gateways: [10.77.0.1, 10.77.0.1]",
+            ),
+            "gateways[1]: 10.77.0.1 is listed twice",
+        ),
+        (
+            good_with("gateways: [10.77.0.1, \"fd77::1\"]", "gateways: [10.77.0]"),
+            "gateways[0]: \"10.77.0\" is not an IP address",
+        ),
+        (
+            good_with("bypass_lines_per_source: 5", "bypass_lines_per_source: 0"),
+            "log.bypass_lines_per_source: must be at least 1",
+        ),
+        (
+            good_with("bypass_interval_ms: 1000", "bypass_interval_ms: 0"),
+            "log.bypass_interval_ms: must be greater than 0",
+        ),
+        (
+            good_with("name: grafana", "name: \"\""),
+            "services[0].name: must not be empty",
+        ),
+        (
+            good_with("name: grafana", "name: Grafana"),
+            "services[0].name: \"Grafana\" is not a service name",
+        ),
+        (
+            good_with("name: grafana", "name: -grafana"),
+            "services[0].name: \"-grafana\" is not a service name",
+        ),
+        (
+            good_with("name: grafana", &format!("name: {too_long}")),
+            "is longer than 63 bytes",
+        ),
+        (
+            format!("{GOOD}  - name: grafana\n"),
+            "services[1].name: \"grafana\" is already the name of services[0]",
+        ),
+        (
+            good_with("\"10.96.0.10:80\"", "\"10.96.0.300:80\""),
+            "services[0].vips[0]: \"10.96.0.300:80\" is not an address:port",
+        ),
+        (
+            good_with("\"10.96.0.10:80\"", "\"10.96.0.10:0\""),
+            "services[0].vips[0]: \"10.96.0.10:0\": port 0 is not a destination",
+        ),
+        (
+            good_with("\"10.96.0.10:80\"", "\"10.77.2.2:8080\""),
+            "services[0].endpoints[0]: 10.77.2.2:8080 is already protected by services[0].vips[0]",
+        ),
+        (
+            format!("{GOOD}  - name: other\n    endpoints: [\"10.77.2.2:8080\"]\n"),
+            "services[1].endpoints[0]: 10.77.2.2:8080 is already protected by services[0].endpoints[0]; a destination belongs to exactly one service",
+        ),
+        (
+            good_with("\"10.96.0.10:80\"", "\"10.77.0.1:15001\""),
+            "services[0].vips[0]: 10.77.0.1:15001 is the proxy's own listener",
+        ),
+        (
+            good_with("\"10.77.1.0/24\"", "\"10.77.1.0/33\""),
+            "services[0].allow_sources[0]: \"10.77.1.0/33\" is not a CIDR",
+        ),
+        (
+            good_with("\"10.77.1.0/24\"", "\"nope\""),
+            "services[0].allow_sources[0]: \"nope\" is not a CIDR or an IP address",
+        ),
+        ("proxy: [".to_owned(), "not a valid nodegate config"),
+        ("cgroup: /x\n".to_owned(), "proxy: missing"),
+    ];
+    for (text, want) in &cases {
+        match parse(text) {
+            Ok(_) => panic!("accepted a bad config, expected {want:?}:\n{text}"),
+            Err(err) => {
+                let full = crate::cli::error_chain(&err);
+                assert!(full.contains(want), "expected {want:?} in {full:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let text = good_with("mark: 0x4e47", "mark: 0").replace("\"10.77.1.0/24\"", "\"x\"");
+    let ConfigError::Invalid { problems, .. } = parse(&text).unwrap_err() else {
+        panic!("expected Invalid")
+    };
+    let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["proxy.mark", "services[0].allow_sources[0]"]);
+    let shown = ConfigError::Invalid {
+        origin: Origin::File("/etc/ng.yaml".into()),
+        problems,
+    }
+    .to_string();
+    assert!(
+        shown.starts_with("/etc/ng.yaml: 2 problems:\n  - proxy.mark: "),
+        "{shown}"
+    );
+}
+
+#[test]
+fn service_ids_are_fnv1a_and_never_zero() {
+    // Reference values of 32-bit FNV-1a.
+    assert_eq!(service_id(""), 0x811c_9dc5);
+    assert_eq!(service_id("a"), 0xe40c_292c);
+    assert_eq!(service_id("foobar"), 0xbf9c_f968);
+    assert_eq!(service_id("grafana"), service_id("grafana"));
+    assert_ne!(service_id("grafana"), service_id("grafanb"));
+}
+
+#[test]
+fn l4_rule_matches_cidrs_of_both_families() {
+    let rule = L4Rule {
+        allow_sources: ["10.77.1.0/24", "fd77:1::/64", "192.0.2.7/32"]
+            .map(|n| n.parse().unwrap())
+            .to_vec(),
+    };
+    let cases = [
+        ("10.77.1.1", true),
+        ("10.77.1.255", true),
+        ("10.77.2.1", false),
+        ("::ffff:10.77.1.3", true),
+        ("fd77:1::99", true),
+        ("fd77:2::1", false),
+        ("192.0.2.7", true),
+        ("192.0.2.8", false),
+    ];
+    for (ip, want) in cases {
+        assert_eq!(rule.allows(ip.parse().unwrap()), want, "{ip}");
+    }
+    assert!(
+        !L4Rule::default().allows("10.77.1.1".parse().unwrap()),
+        "empty rule denies all"
+    );
+}
+
+#[test]
+fn restart_required_fields() {
+    let a = parse(GOOD).unwrap();
+    let mut b = a.clone();
+    b.services.clear();
+    b.gateways.clear();
+    b.proxy.connect_timeout = Duration::from_secs(1);
+    assert_eq!(a.restart_required(&b), [] as [&str; 0]);
+    b.proxy.listen = "10.77.0.9:15001".parse().unwrap();
+    b.log.bypass_lines_per_source = 1;
+    assert_eq!(a.restart_required(&b), ["proxy.listen", "log"]);
+}

@@ -1,0 +1,106 @@
+//! One accepted connection, from the original-destination lookup to its decision line.
+
+use std::{net::SocketAddr, time::Instant};
+
+use tokio::{net::TcpStream, sync::watch};
+
+use super::{Shared, decide, forward, upstream};
+use crate::telemetry::{ConnectionLine, Decision, Reason};
+
+/// Keeps `nodegate_connections_active` right on every exit path.
+struct Active<'a>(&'a Shared);
+
+impl<'a> Active<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.metrics.connections_active().inc();
+        Self(shared)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.connections_active().dec();
+    }
+}
+
+pub(super) async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    abort: watch::Receiver<bool>,
+) {
+    let started = Instant::now();
+    let _active = Active::new(shared);
+    if let Err(err) = client.set_nodelay(true) {
+        tracing::debug!(error = %err, "TCP_NODELAY on an accepted connection");
+    }
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let mut line = ConnectionLine::new(&shared.node, peer);
+
+    let Some(orig) = shared.orig.take(peer) else {
+        // Dialed at the proxy port directly: refuse, forward nowhere.
+        refuse(&client);
+        line.duration = started.elapsed();
+        line.emit(&shared.metrics);
+        return;
+    };
+    line.dst = Some(orig.dst);
+    line.cgroup_id = Some(orig.cgroup_id);
+    tracing::debug!(%peer, dst = %orig.dst, pid = orig.pid, kernel_service_id = orig.service_id, "accepted");
+
+    // This connection keeps the table it started with, across reloads.
+    let routes = shared.routes.load_full();
+    let Some(route) = routes.resolve(orig.dst) else {
+        line.reason = Reason::UnknownDestination;
+        refuse(&client);
+        line.duration = started.elapsed();
+        line.emit(&shared.metrics);
+        return;
+    };
+    if route.service.id != orig.service_id {
+        tracing::debug!(%peer, dst = %orig.dst, "the service changed since connect (config reload)");
+    }
+    line.service = Some(&route.service.name);
+    line.mode = Some(route.service.mode);
+    let (decision, reason) = decide(&route.service.rule, route.service.mode, peer.ip());
+    line.decision = decision;
+    line.reason = reason;
+    if decision == Decision::Deny {
+        refuse(&client);
+        line.duration = started.elapsed();
+        line.emit(&shared.metrics);
+        return;
+    }
+
+    let upstream =
+        upstream::connect(&route.candidates(), shared.mark, routes.connect_timeout).await;
+    let (server, addr) = match upstream {
+        Ok(connected) => connected,
+        Err(last_tried) => {
+            line.decision = Decision::Deny;
+            line.reason = Reason::UpstreamUnavailable;
+            line.upstream = last_tried;
+            refuse(&client);
+            line.duration = started.elapsed();
+            line.emit(&shared.metrics);
+            return;
+        }
+    };
+    line.upstream = Some(addr);
+    let transferred = forward::bidirectional(client, server, abort).await;
+    line.bytes_up = transferred.up;
+    line.bytes_down = transferred.down;
+    if let Some(err) = &transferred.error {
+        tracing::debug!(%peer, upstream = %addr, error = %err, "connection ended with an error");
+    }
+    line.duration = started.elapsed();
+    line.emit(&shared.metrics);
+}
+
+/// Close with a reset: the client learns at once that it was refused, and no `TIME_WAIT`
+/// is left behind by a flood of refused connections.
+fn refuse(client: &TcpStream) {
+    if let Err(err) = client.set_zero_linger() {
+        tracing::debug!(error = %err, "SO_LINGER on a refused connection");
+    }
+}

@@ -1,0 +1,372 @@
+//! Prometheus metrics. Userspace counters live in the registry; the kernel's bypass counters,
+//! program stats and map sizes are read from the pinned maps at scrape time
+//! ([`KernelCollector`]), so they are exact and survive restarts of the daemon.
+
+use std::{collections::BTreeMap, fmt, path::PathBuf};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+    },
+    registry::Registry,
+};
+
+use super::{Decision, Reason};
+use crate::ebpf::inspect;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionLabels {
+    service: String,
+    decision: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabels {
+    sink: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct BypassLabels {
+    service: String,
+    reason: &'static str,
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatLabels {
+    stat: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgramLabels {
+    program: String,
+}
+
+/// Outcome of a config reload, for `nodegate_config_reloads_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    Ok,
+    Error,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    connections: Family<ConnectionLabels, Counter>,
+    connections_active: Gauge,
+    bypass_events: Counter,
+    bypass_lines_suppressed: Counter,
+    decision_log_errors: Family<SinkLabels, Counter>,
+    config_reloads: Family<ResultLabels, Counter>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// `bpffs`: where the kernel counters are read at scrape time (`None`: userspace only).
+    pub fn new(bpffs: Option<PathBuf>) -> Self {
+        let mut registry = Registry::default();
+        let connections = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "nodegate_connections",
+            "Connections handled by the proxy, by service, decision and reason",
+            connections.clone(),
+        );
+        let connections_active = Gauge::default();
+        registry.register(
+            "nodegate_connections_active",
+            "Connections being forwarded now",
+            connections_active.clone(),
+        );
+        let bypass_events = Counter::default();
+        registry.register(
+            "nodegate_bypass_events",
+            "Bypass events received from the kernel ring buffer",
+            bypass_events.clone(),
+        );
+        let bypass_lines_suppressed = Counter::default();
+        registry.register(
+            "nodegate_bypass_lines_suppressed",
+            "Bypass events not written as a line of their own by the per-source rate limit",
+            bypass_lines_suppressed.clone(),
+        );
+        let decision_log_errors = Family::<SinkLabels, Counter>::default();
+        registry.register(
+            "nodegate_decision_log_errors",
+            "Decision log lines that could not be written, by sink",
+            decision_log_errors.clone(),
+        );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "nodegate_config_reloads",
+            "Config reloads, by result (ok, error)",
+            config_reloads.clone(),
+        );
+        if let Some(bpffs) = bpffs {
+            let scrape_errors = Counter::default();
+            registry.register(
+                "nodegate_datapath_scrape_errors",
+                "Scrapes that could not read the pinned kernel maps",
+                scrape_errors.clone(),
+            );
+            registry.register_collector(Box::new(KernelCollector {
+                bpffs,
+                scrape_errors,
+            }));
+        }
+        Self {
+            registry,
+            connections,
+            connections_active,
+            bypass_events,
+            bypass_lines_suppressed,
+            decision_log_errors,
+            config_reloads,
+        }
+    }
+
+    pub fn connection(&self, service: Option<&str>, decision: Decision, reason: Reason) {
+        self.connections
+            .get_or_create(&ConnectionLabels {
+                service: service.unwrap_or_default().to_owned(),
+                decision: decision.as_str(),
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn connections_active(&self) -> &Gauge {
+        &self.connections_active
+    }
+
+    pub fn bypass_events(&self) -> &Counter {
+        &self.bypass_events
+    }
+
+    pub fn bypass_lines_suppressed(&self) -> &Counter {
+        &self.bypass_lines_suppressed
+    }
+
+    pub fn decision_log_errors(&self, sink: &'static str) -> Counter {
+        self.decision_log_errors
+            .get_or_create(&SinkLabels { sink })
+            .clone()
+    }
+
+    pub fn config_reload(&self, result: ReloadResult) {
+        let result = match result {
+            ReloadResult::Ok => "ok",
+            ReloadResult::Error => "error",
+        };
+        self.config_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// The `OpenMetrics` text exposition.
+    pub fn encode(&self) -> Result<String, fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Reads the pinned maps on every scrape.
+#[derive(Debug)]
+struct KernelCollector {
+    bpffs: PathBuf,
+    scrape_errors: Counter,
+}
+
+/// Name, help and value of one of the bypass counter families.
+type BypassFamily = (&'static str, &'static str, fn(&BypassSums) -> u64);
+
+#[derive(Default)]
+struct BypassSums {
+    syns: u64,
+    packets: u64,
+    bytes: u64,
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        match inspect::counters(&self.bpffs) {
+            Ok(counters) => encode_counters(&counters, &mut encoder)?,
+            Err(err) => {
+                self.scrape_errors.inc();
+                tracing::warn!(bpffs = %self.bpffs.display(), error = %err, "cannot read the kernel counters");
+            }
+        }
+        match inspect::status(&self.bpffs) {
+            Ok(status) => encode_status(&status, &mut encoder)?,
+            Err(err) => {
+                self.scrape_errors.inc();
+                tracing::warn!(bpffs = %self.bpffs.display(), error = %err, "cannot read the datapath status");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encode_counters(
+    counters: &inspect::Counters,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), fmt::Error> {
+    // Sum over sources: a source label would make the cardinality attacker-controlled.
+    let mut sums: BTreeMap<BypassLabels, BypassSums> = BTreeMap::new();
+    for row in &counters.bypass {
+        let sum = sums
+            .entry(BypassLabels {
+                service: row.service.clone(),
+                reason: row.reason,
+                action: row.action,
+            })
+            .or_default();
+        sum.syns = sum.syns.saturating_add(row.syns);
+        sum.packets = sum.packets.saturating_add(row.packets);
+        sum.bytes = sum.bytes.saturating_add(row.bytes);
+    }
+    let families: [BypassFamily; 3] = [
+        (
+            "nodegate_bypass_attempts",
+            "Connection attempts (SYN) to protected endpoints that did not come from a gateway",
+            |s| s.syns,
+        ),
+        (
+            "nodegate_bypass_packets",
+            "Packets to protected endpoints that did not come from a gateway",
+            |s| s.packets,
+        ),
+        (
+            "nodegate_bypass_bytes",
+            "Bytes to protected endpoints that did not come from a gateway",
+            |s| s.bytes,
+        ),
+    ];
+    for (name, help, value) in families {
+        let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (labels, sum) in &sums {
+            ConstCounter::new(value(sum)).encode(metric.encode_family(labels)?)?;
+        }
+    }
+    let mut metric = encoder.encode_descriptor(
+        "nodegate_datapath_stats",
+        "Kernel program statistics (NG_STATS), summed over CPUs",
+        None,
+        MetricType::Counter,
+    )?;
+    for (stat, value) in &counters.stats {
+        ConstCounter::new(*value).encode(metric.encode_family(&StatLabels { stat })?)?;
+    }
+    Ok(())
+}
+
+fn encode_status(
+    status: &inspect::Status,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), fmt::Error> {
+    let mut metric = encoder.encode_descriptor(
+        "nodegate_map_entries",
+        "Entries in each pinned map",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (map, entries) in &status.map_entries {
+        let entries = i64::try_from(*entries).unwrap_or(i64::MAX);
+        ConstGauge::new(entries).encode(metric.encode_family(&MapLabels { map })?)?;
+    }
+    let mut metric = encoder.encode_descriptor(
+        "nodegate_program_attached",
+        "1 when the program's pinned link is attached",
+        None,
+        MetricType::Gauge,
+    )?;
+    for link in &status.links {
+        let attached = i64::from(link.pinned && link.link_id.is_some());
+        ConstGauge::new(attached).encode(metric.encode_family(&ProgramLabels {
+            program: link.name.clone(),
+        })?)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_counter_is_exposed_with_labels() {
+        let m = Metrics::new(None);
+        m.connection(Some("grafana"), Decision::Deny, Reason::SourceNotAllowed);
+        m.connection(Some("grafana"), Decision::Deny, Reason::SourceNotAllowed);
+        m.config_reload(ReloadResult::Error);
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains(
+                "nodegate_connections_total{service=\"grafana\",decision=\"deny\",reason=\"source_not_allowed\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodegate_config_reloads_total{result=\"error\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn kernel_counters_are_summed_over_sources() {
+        let row = |source: &str, syns| inspect::CounterRow {
+            service: "grafana".into(),
+            service_id: 7,
+            source: source.parse().unwrap(),
+            reason: "not_from_gateway",
+            action: "dropped",
+            syns,
+            packets: syns * 2,
+            bytes: syns * 100,
+        };
+        let counters = inspect::Counters {
+            bypass: vec![row("10.0.0.1", 2), row("10.0.0.2", 3)],
+            stats: BTreeMap::from([("ingress_drops", 10)]),
+        };
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Fixed(counters)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for want in [
+            "nodegate_bypass_attempts_total{service=\"grafana\",reason=\"not_from_gateway\",action=\"dropped\"} 5",
+            "nodegate_bypass_packets_total{service=\"grafana\",reason=\"not_from_gateway\",action=\"dropped\"} 10",
+            "nodegate_datapath_stats_total{stat=\"ingress_drops\"} 10",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+    }
+
+    #[derive(Debug)]
+    struct Fixed(inspect::Counters);
+
+    impl Collector for Fixed {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+            encode_counters(&self.0, &mut encoder)
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Logs and metrics. Human logs go to stderr (`RUST_LOG`, default `info`); the decision log
+//! is its own tracing target, [`DECISION_TARGET`], written as flattened JSON lines to stdout
+//! and optionally appended to a file. A failing sink is counted and reported on stderr.
+
+pub mod bypass;
+pub mod decision;
+pub mod metrics;
+mod sink;
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use tracing::Subscriber;
+use tracing_subscriber::{
+    EnvFilter, Layer,
+    filter::{FilterExt as _, filter_fn},
+    fmt::MakeWriter,
+    layer::SubscriberExt as _,
+    registry::LookupSpan,
+    util::SubscriberInitExt as _,
+};
+
+pub use self::{
+    decision::{ConnectionLine, Decision, Reason},
+    metrics::Metrics,
+};
+
+/// The tracing target of decision lines (ztunnel's `access`).
+pub const DECISION_TARGET: &str = "decision";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("cannot create the directory {} for the decision log", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open the decision log file {} for appending", path.display())]
+    OpenFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("a tracing subscriber is already installed")]
+    AlreadyInitialised(#[source] tracing_subscriber::util::TryInitError),
+}
+
+/// Human logs only, for the short-lived CLI commands.
+pub fn init_cli(default_directive: &str) -> Result<(), TelemetryError> {
+    tracing_subscriber::registry()
+        .with(human_layer(default_directive))
+        .try_init()
+        .map_err(TelemetryError::AlreadyInitialised)
+}
+
+/// Human logs plus the decision log on stdout and, when set, `decisions_file`.
+pub fn init_daemon(decisions_file: Option<&Path>, metrics: &Metrics) -> Result<(), TelemetryError> {
+    let stdout = sink::SinkWriter::new("stdout", Box::new(io::stdout()), metrics);
+    let file = match decisions_file {
+        None => None,
+        Some(path) => {
+            let file = open_append(path)?;
+            Some(sink::SinkWriter::new("file", Box::new(file), metrics))
+        }
+    };
+    tracing_subscriber::registry()
+        .with(human_layer("info"))
+        .with(decision_layer(stdout))
+        .with(file.map(decision_layer))
+        .try_init()
+        .map_err(TelemetryError::AlreadyInitialised)
+}
+
+fn open_append(path: &Path) -> Result<std::fs::File, TelemetryError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| TelemetryError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| TelemetryError::OpenFile {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// stderr, filtered by `RUST_LOG` (or `default_directive`), never decision lines.
+fn human_layer<S>(default_directive: &str) -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let env =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_directive));
+    tracing_subscriber::fmt::layer()
+        .with_writer(io::stderr)
+        .with_filter(env.and(filter_fn(|meta| meta.target() != DECISION_TARGET)))
+}
+
+/// One flattened JSON object per decision event; nothing else. Not subject to `RUST_LOG`:
+/// the decision log cannot be switched off by a debug setting.
+pub fn decision_layer<S, W>(writer: W) -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_writer(writer)
+        .log_internal_errors(false)
+        .with_filter(filter_fn(|meta| {
+            meta.target() == DECISION_TARGET && meta.is_event()
+        }))
+}

@@ -17,12 +17,15 @@ services:
   - { name: web, mode: enforce, vips: ["10.96.7.10:80", "[fd96:7::10]:80"], endpoints: ["10.7.1.11:8080"], allow_sources: ["10.7.0.0/16"] }
 "#;
 
-/// A scratch dir for this test process, removed on drop.
+/// A scratch dir for one test of this process, removed on drop.
 struct Scratch(PathBuf);
 
 impl Scratch {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("nodegate-config-test-{}", std::process::id()));
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "nodegate-config-test-{}-{test}",
+            std::process::id()
+        ));
         fs::create_dir_all(&dir).expect("create scratch dir");
         Self(dir)
     }
@@ -50,7 +53,7 @@ fn gateway(args: &[&str], file: &PathBuf) -> Output {
 
 #[test]
 fn a_good_config_checks_clean() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("good");
     let file = scratch.write("good.yaml", GOOD);
     let out = gateway(&["check-config"], &file);
     assert_eq!(out.code(), Some(0), "check-config of a good file: {out:?}");
@@ -58,7 +61,7 @@ fn a_good_config_checks_clean() {
 
 #[test]
 fn bad_configs_exit_64_naming_the_problem() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("configs");
     // (what is wrong, replace this, with this, any of these must appear in the message)
     let cases: &[(&str, &str, &str, &[&str])] = &[
         (
@@ -149,7 +152,7 @@ fn bad_configs_exit_64_naming_the_problem() {
 #[test]
 fn the_harness_config_is_accepted() {
     use nodegate_tests::harness::{GatewayConfig, Mode, ServiceConfig};
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("harness");
     let config = GatewayConfig {
         node: "sim-config".to_owned(),
         cgroup: "/sys/fs/cgroup/unified/ngconfig/pods".into(),

@@ -155,11 +155,11 @@ fn restart_reuses_the_links_and_keeps_the_counters() {
     let r = dial(a, node.vip_v4(10, 80), "restarted", OK_TIMEOUT);
     assert_answered(&r, "b", "restarted");
     assert_allowed(
-        &connection_line(&gw, r.local.expect("local")),
+        &connection_line(&gw, common::local(&r)),
         "web",
         node.vip_v4(10, 80),
         a,
-        b.v4(8080),
+        &common::both(b, 8080),
     );
     assert!(foreign_drop(&gw, &node) > kept);
 }
@@ -189,7 +189,7 @@ fn reload_adds_and_removes_services() {
     // Before: api protected, db not.
     let r = dial(a, c.v4(8080), "api-before", OK_TIMEOUT);
     assert_answered(&r, "c", "api-before");
-    connection_line(&gw, r.local.expect("local"));
+    connection_line(&gw, common::local(&r));
     assert_timed_out(&dial(
         foreign,
         c.v4(8080),
@@ -224,18 +224,15 @@ fn reload_adds_and_removes_services() {
     assert_eq!(destinations(&st, "web").len(), 4, "web untouched: {st}");
 
     // Added: db is redirected.
-    for (vip, upstream) in [
-        (node.vip_v4(30, 5432), b.v4(5432)),
-        (node.vip_v6(30, 5432), b.v6(5432)),
-    ] {
+    for vip in [node.vip_v4(30, 5432), node.vip_v6(30, 5432)] {
         let r = dial(a, vip, "db-after", OK_TIMEOUT);
         assert_answered(&r, "db", "db-after");
         assert_allowed(
-            &connection_line(&gw, r.local.expect("local")),
+            &connection_line(&gw, common::local(&r)),
             "db",
             vip,
             a,
-            upstream,
+            &common::both(b, 5432),
         );
     }
     // Removed: api is no longer intercepted, neither from a pod nor from the foreign node.

@@ -108,6 +108,16 @@ impl Place {
         SocketAddr::new(IpAddr::V6(self.ipv6), port)
     }
 
+    /// This place's address of the same family as `target`: the source of its connections
+    /// there.
+    pub fn ip_for(&self, target: SocketAddr) -> IpAddr {
+        if target.is_ipv4() {
+            self.ipv4.into()
+        } else {
+            self.ipv6.into()
+        }
+    }
+
     /// The cgroup id the kernel reports (`bpf_get_current_cgroup_id`): the cgroup v2 inode.
     pub fn cgroup_id(&self) -> Result<u64> {
         fs::metadata(&self.cgroup)

@@ -2,7 +2,10 @@
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use nodegate_tests::harness::{Node, NodeSpec, PeerReply, Place, Tools};
 use serde_json::Value;
@@ -41,6 +44,24 @@ pub fn assert_answered(r: &PeerReply, server: &str, msg: &str) {
         r.reply,
         format!("{server}:{msg}\n"),
         "reply of {server}: {}",
+        r.raw
+    );
+}
+
+/// Asserts the peer accepted and closed without answering: either the client saw EOF or a reset
+/// after connecting, or the reset arrived before `connect()` returned (ECONNRESET). Refused
+/// (nothing listening) and timeouts are not "closed by the proxy".
+#[track_caller]
+pub fn assert_closed_unanswered(r: &PeerReply) {
+    assert!(r.reply.is_empty(), "expected no answer: {}", r.raw);
+    let closed = if r.connected {
+        r.ok || matches!(r.kind(), "reset" | "aborted")
+    } else {
+        r.kind() == "reset"
+    };
+    assert!(
+        closed,
+        "expected an accepted-then-closed connection: {}",
         r.raw
     );
 }
@@ -142,6 +163,15 @@ pub fn connection_line(gw: &Gateway, src: SocketAddr) -> Value {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The first `connection` line from source ip `ip` (any port) that also satisfies `pred`. For
+/// connections whose client address is unknown (reset while connecting).
+pub fn connection_line_from(gw: &Gateway, ip: IpAddr, pred: impl Fn(&Value) -> bool) -> Value {
+    gw.wait_decision(&format!("for a connection from {ip}"), LOG_TIMEOUT, |d| {
+        s(d, "kind") == "connection" && addr(d, "src").map(|a| a.ip()) == Some(ip) && pred(d)
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Every `connection` line whose original destination is `dst`.
 pub fn connection_lines_to(gw: &Gateway, dst: SocketAddr) -> Vec<Value> {
     gw.decisions()
@@ -152,7 +182,7 @@ pub fn connection_lines_to(gw: &Gateway, dst: SocketAddr) -> Vec<Value> {
 }
 
 /// The first `bypass` line from source ip `src` to `dst` with `action`.
-pub fn bypass_line(gw: &Gateway, src: std::net::IpAddr, dst: SocketAddr, action: &str) -> Value {
+pub fn bypass_line(gw: &Gateway, src: IpAddr, dst: SocketAddr, action: &str) -> Value {
     gw.wait_decision(
         &format!("bypass {src} -> {dst} {action}"),
         LOG_TIMEOUT,
@@ -166,20 +196,24 @@ pub fn bypass_line(gw: &Gateway, src: std::net::IpAddr, dst: SocketAddr, action:
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Asserts a `connection` line says the proxy let `client` through to `upstream`.
+/// Asserts a `connection` line says the proxy let `client` through to one of `upstreams`.
 #[track_caller]
 pub fn assert_allowed(
     line: &Value,
     service: &str,
     dst: SocketAddr,
     client: &Place,
-    upstream: SocketAddr,
+    upstreams: &[SocketAddr],
 ) {
     assert_eq!(s(line, "service"), service, "{line}");
     assert_eq!(addr(line, "dst"), Some(dst), "original destination: {line}");
     assert_eq!(s(line, "decision"), "allow", "{line}");
     assert_eq!(s(line, "reason"), "source_allowed", "{line}");
-    assert_eq!(addr(line, "upstream"), Some(upstream), "{line}");
+    let upstream = addr(line, "upstream");
+    assert!(
+        upstream.is_some_and(|u| upstreams.contains(&u)),
+        "upstream not one of {upstreams:?}: {line}"
+    );
     let cgroup_id = client.cgroup_id().expect("cgroup id");
     assert_eq!(
         line["cgroup_id"].as_u64(),
@@ -224,4 +258,21 @@ pub fn curl(from: &Place, url: &str) -> (String, Option<SocketAddr>) {
         .split_once(' ')
         .and_then(|(ip, port)| Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?)));
     (body.to_owned(), local)
+}
+
+/// The client address of a connection that connected; panics with the reply otherwise.
+#[track_caller]
+pub fn local(r: &PeerReply) -> SocketAddr {
+    r.local
+        .unwrap_or_else(|| panic!("expected the connection to be established: {}", r.raw))
+}
+
+/// A pod's v4 and v6 address at `port` (a dual-stack service's endpoints on that pod).
+pub fn both(p: &Place, port: u16) -> [SocketAddr; 2] {
+    [p.v4(port), p.v6(port)]
+}
+
+/// Whether `ip` is one of the node's IPs (what the gateway's upstream connections come from).
+pub fn is_node_ip(node: &Node, ip: IpAddr) -> bool {
+    ip == IpAddr::from(node.ipv4()) || ip == IpAddr::from(node.ipv6())
 }

@@ -2,6 +2,7 @@
 //! Exit codes: 0 ok, 64 config or usage error (`EX_USAGE`), 1 runtime error.
 
 mod inspect;
+mod reload;
 mod run;
 mod table;
 

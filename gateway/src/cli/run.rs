@@ -5,28 +5,25 @@
 //! the admin server on its own thread, and this control loop (signals, reloads, bypass events)
 //! on a current-thread runtime in the main thread.
 
-use std::{
-    hash::{DefaultHasher, Hash as _, Hasher as _},
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
 };
 
-use super::CliError;
+use super::{
+    CliError,
+    reload::{Reloader, log_sync},
+};
 use crate::{
     admin::{AdminServer, Readiness},
     config::Config,
-    ebpf::{BypassEvents, Datapath, DatapathOptions, EbpfError, SyncReport},
+    ebpf::{BypassEvents, Datapath, DatapathOptions},
     proxy::{self, Routes, SharedRoutes},
     telemetry::{
         self, Metrics,
         bypass::{BypassLog, ServiceLookup},
-        metrics::ReloadResult,
     },
 };
 
@@ -169,7 +166,7 @@ type ProxyTask = tokio::task::JoinHandle<Result<(), proxy::ProxyError>>;
 /// Until SIGTERM/SIGINT: reload on SIGHUP and on file change. Returns the still running
 /// proxy task to drain, or an error if the proxy stopped on its own.
 async fn control_loop(
-    reloader: &mut Reloader,
+    reloader: &mut Reloader<Datapath>,
     mut proxy_task: ProxyTask,
 ) -> Result<ProxyTask, CliError> {
     let handler = |kind: SignalKind, name: &'static str| {
@@ -200,189 +197,7 @@ async fn control_loop(
     }
 }
 
-fn log_sync(report: &SyncReport, what: &str) {
-    tracing::info!(
-        dests_added = report.dests_added,
-        dests_removed = report.dests_removed,
-        gateways_added = report.gateways_added,
-        gateways_removed = report.gateways_removed,
-        "{what}"
-    );
-}
-
 fn service_lookup(routes: &SharedRoutes) -> ServiceLookup {
     let routes = routes.clone();
     Box::new(move |id| routes.load().service(id).map(|s| (s.name.clone(), s.mode)))
-}
-
-/// Applies config changes: new services and rules for new connections, the maps re-synced;
-/// a config that does not parse, or that changes something only a restart can, is refused
-/// and the running one kept.
-struct Reloader {
-    config: Config,
-    path: Option<PathBuf>,
-    datapath: Datapath,
-    routes: SharedRoutes,
-    metrics: Arc<Metrics>,
-    readiness: Arc<Readiness>,
-    /// What the file looked like at the last check.
-    seen: Option<Fingerprint>,
-    /// Whether the file was unreadable at the last check (to warn once, not every second).
-    unreadable: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum ReloadError {
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error("{} changed: this needs a restart", .0.join(", "))]
-    RestartRequired(Vec<&'static str>),
-    #[error("cannot sync the kernel maps with the new config")]
-    Sync(#[source] EbpfError),
-}
-
-/// Enough of a file to tell whether it changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Fingerprint {
-    mtime: Option<SystemTime>,
-    len: u64,
-    hash: u64,
-}
-
-fn content_hash(text: &[u8]) -> u64 {
-    let mut h = DefaultHasher::new();
-    text.hash(&mut h);
-    h.finish()
-}
-
-impl Reloader {
-    fn new(
-        config: Config,
-        path: Option<PathBuf>,
-        datapath: Datapath,
-        routes: SharedRoutes,
-        metrics: Arc<Metrics>,
-        readiness: Arc<Readiness>,
-    ) -> Self {
-        let mut this = Self {
-            config,
-            path,
-            datapath,
-            routes,
-            metrics,
-            readiness,
-            seen: None,
-            unreadable: false,
-        };
-        // The running config came from the file as it is now.
-        this.seen = this.fingerprint().map(|(fp, _)| fp);
-        this
-    }
-
-    fn fingerprint(&mut self) -> Option<(Fingerprint, String)> {
-        let path = self.path.as_ref()?;
-        let read = std::fs::metadata(path).and_then(|meta| {
-            let text = std::fs::read_to_string(path)?;
-            let fingerprint = Fingerprint {
-                mtime: meta.modified().ok(),
-                len: meta.len(),
-                hash: content_hash(text.as_bytes()),
-            };
-            Ok((fingerprint, text))
-        });
-        match read {
-            Ok(found) => {
-                self.unreadable = false;
-                Some(found)
-            }
-            Err(err) => {
-                if !self.unreadable {
-                    tracing::warn!(path = %path.display(), error = %err, "cannot read the config file; keeping the running config");
-                    self.unreadable = true;
-                }
-                None
-            }
-        }
-    }
-
-    /// Called every second: reload when the content changed.
-    fn poll(&mut self) {
-        let Some(path) = self.path.clone() else {
-            return;
-        };
-        // Cheap check first: the content is only read when mtime or size moved.
-        if let (Ok(meta), Some(seen)) = (std::fs::metadata(&path), self.seen)
-            && meta.modified().ok() == seen.mtime
-            && meta.len() == seen.len
-        {
-            return;
-        }
-        let Some((fp, text)) = self.fingerprint() else {
-            return;
-        };
-        let changed = self.seen.is_none_or(|seen| seen.hash != fp.hash);
-        self.seen = Some(fp);
-        if changed {
-            self.apply_text(&text, "file changed");
-        }
-    }
-
-    /// SIGHUP: re-read and apply, changed or not.
-    fn reload(&mut self, why: &str) {
-        if self.path.is_none() {
-            tracing::info!("{why}: running on the embedded default config; nothing to reload");
-            return;
-        }
-        if let Some((fp, text)) = self.fingerprint() {
-            self.seen = Some(fp);
-            self.apply_text(&text, why);
-        }
-    }
-
-    fn apply_text(&mut self, text: &str, why: &str) {
-        let origin = self.config.origin.clone();
-        let result = Config::parse(text, origin)
-            .map_err(ReloadError::from)
-            .and_then(|new| self.apply(new));
-        match result {
-            Ok(report) => {
-                self.metrics.config_reload(ReloadResult::Ok);
-                log_sync(&report, "config reloaded");
-                tracing::info!(reason = why, "{}", self.config.summary());
-            }
-            Err(err) => {
-                self.metrics.config_reload(ReloadResult::Error);
-                tracing::warn!(
-                    reason = why,
-                    error = %super::error_chain(&err),
-                    "config reload refused; keeping the running config"
-                );
-            }
-        }
-    }
-
-    fn apply(&mut self, new: Config) -> Result<SyncReport, ReloadError> {
-        let restart = self.config.restart_required(&new);
-        if !restart.is_empty() {
-            return Err(ReloadError::RestartRequired(restart));
-        }
-        // The table first: a destination the maps start redirecting is already known to the
-        // proxy. Open connections keep their own snapshot.
-        let old = self.routes.swap(Arc::new(Routes::new(&new)));
-        match self.datapath.sync(&new.desired_state()) {
-            Ok(report) => {
-                self.config = new;
-                self.readiness.set_synced(true);
-                Ok(report)
-            }
-            Err(err) => {
-                self.routes.store(old);
-                if let Err(again) = self.datapath.sync(&self.config.desired_state()) {
-                    tracing::error!(error = %again, "cannot restore the previous maps either; not ready");
-                    self.readiness.set_synced(false);
-                }
-                Err(ReloadError::Sync(err))
-            }
-        }
-    }
 }

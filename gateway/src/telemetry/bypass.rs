@@ -163,9 +163,7 @@ impl BypassLog {
             self.metrics.bypass_events().inc();
             match self.limiter.admit(event, now) {
                 Admit::Line { suppressed } => self.write(event, suppressed),
-                Admit::Suppress => {
-                    self.metrics.bypass_lines_suppressed().inc();
-                }
+                Admit::Suppress => {}
             }
         }
     }
@@ -177,6 +175,8 @@ impl BypassLog {
     }
 
     fn write(&self, event: &BypassEvent, suppressed: u64) {
+        // Counted as reported, so the metric always equals the sum over the lines.
+        self.metrics.bypass_lines_suppressed().inc_by(suppressed);
         let known = (self.lookup)(event.service_id);
         let fallback;
         let service = if let Some((name, _)) = &known {
@@ -271,7 +271,7 @@ mod tests {
                 Admit::Suppress,
             ]
         );
-        // One token back after 200 ms, carrying the three suppressed events.
+        // One token back after 200 ms; the line carries the four events suppressed before it.
         assert_eq!(
             l.admit(&e, t0 + Duration::from_millis(199)),
             Admit::Suppress
@@ -375,7 +375,7 @@ mod tests {
         assert_eq!(lines[0]["service"], "grafana");
         assert_eq!(lines[0]["mode"], "enforce");
         assert_eq!(lines[0]["node"], "node-a");
-        assert_eq!(metrics.bypass_lines_suppressed().get(), 6);
+        assert_eq!(metrics.bypass_lines_suppressed().get(), 4);
         assert_eq!(metrics.bypass_events().get(), 10);
     }
 }

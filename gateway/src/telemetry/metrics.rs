@@ -106,7 +106,8 @@ impl Metrics {
         let bypass_lines_suppressed = Counter::default();
         registry.register(
             "nodegate_bypass_lines_suppressed",
-            "Bypass events not written as a line of their own by the per-source rate limit",
+            "Bypass events not written as a line of their own by the per-source rate limit \
+             (the sum of the lines' `suppressed`)",
             bypass_lines_suppressed.clone(),
         );
         let decision_log_errors = Family::<SinkLabels, Counter>::default();

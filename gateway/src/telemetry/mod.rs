@@ -8,7 +8,7 @@ pub mod metrics;
 mod sink;
 
 use std::{
-    io,
+    io::{self, IsTerminal as _},
     path::{Path, PathBuf},
 };
 
@@ -100,6 +100,7 @@ where
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_directive));
     tracing_subscriber::fmt::layer()
         .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
         .with_filter(env.and(filter_fn(|meta| meta.target() != DECISION_TARGET)))
 }
 

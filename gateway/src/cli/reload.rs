@@ -1,0 +1,365 @@
+//! Config reload: on SIGHUP and when the file's content changes (its hash, polled every
+//! second). A good config swaps the proxy's route table and re-syncs the
+//! maps; a config that does not parse, or that changes what only a restart can, is refused
+//! and the running one kept. Open connections keep the table they started with.
+
+use std::{
+    hash::{DefaultHasher, Hash as _, Hasher as _},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use crate::{
+    admin::Readiness,
+    config::{Config, ConfigError},
+    ebpf::{Datapath, DesiredState, EbpfError, SyncReport},
+    proxy::{Routes, SharedRoutes},
+    telemetry::{Metrics, metrics::ReloadResult},
+};
+
+/// Writes the desired state to the kernel maps: the [`Datapath`], or a fake in tests.
+pub(super) trait MapSync {
+    fn sync(&mut self, desired: &DesiredState) -> Result<SyncReport, EbpfError>;
+}
+
+impl MapSync for Datapath {
+    fn sync(&mut self, desired: &DesiredState) -> Result<SyncReport, EbpfError> {
+        Datapath::sync(self, desired)
+    }
+}
+
+pub(super) fn log_sync(report: &SyncReport, what: &str) {
+    tracing::info!(
+        dests_added = report.dests_added,
+        dests_removed = report.dests_removed,
+        gateways_added = report.gateways_added,
+        gateways_removed = report.gateways_removed,
+        "{what}"
+    );
+}
+
+/// Applies config changes: new services and rules for new connections, the maps re-synced;
+/// a config that does not parse, or that changes something only a restart can, is refused
+/// and the running one kept.
+pub(super) struct Reloader<S> {
+    config: Config,
+    path: Option<PathBuf>,
+    maps: S,
+    routes: SharedRoutes,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    /// Content hash of the file at the last check.
+    seen: Option<u64>,
+    /// Whether the file was unreadable at the last check (to warn once, not every second).
+    unreadable: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{} changed: this needs a restart", .0.join(", "))]
+    RestartRequired(Vec<&'static str>),
+    #[error("cannot sync the kernel maps with the new config")]
+    Sync(#[source] EbpfError),
+}
+
+fn content_hash(text: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+impl<S: MapSync> Reloader<S> {
+    pub(super) fn new(
+        config: Config,
+        path: Option<PathBuf>,
+        maps: S,
+        routes: SharedRoutes,
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+    ) -> Self {
+        let mut this = Self {
+            config,
+            path,
+            maps,
+            routes,
+            metrics,
+            readiness,
+            seen: None,
+            unreadable: false,
+        };
+        // The running config came from the file as it is now.
+        this.seen = this.read().map(|(hash, _)| hash);
+        this
+    }
+
+    /// The file's content and its hash. Read whole every time: a config file is small, and
+    /// mtime and size alone miss a same-size rewrite within the file system's time granularity.
+    fn read(&mut self) -> Option<(u64, String)> {
+        let path = self.path.as_ref()?;
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                self.unreadable = false;
+                Some((content_hash(text.as_bytes()), text))
+            }
+            Err(err) => {
+                if !self.unreadable {
+                    tracing::warn!(path = %path.display(), error = %err, "cannot read the config file; keeping the running config");
+                    self.unreadable = true;
+                }
+                None
+            }
+        }
+    }
+
+    /// Called every second: reload when the content changed.
+    pub(super) fn poll(&mut self) {
+        let Some((hash, text)) = self.read() else {
+            return;
+        };
+        let changed = self.seen != Some(hash);
+        self.seen = Some(hash);
+        if changed {
+            self.apply_text(&text, "file changed");
+        }
+    }
+
+    /// SIGHUP: re-read and apply, changed or not.
+    pub(super) fn reload(&mut self, why: &str) {
+        if self.path.is_none() {
+            tracing::info!("{why}: running on the embedded default config; nothing to reload");
+            return;
+        }
+        if let Some((hash, text)) = self.read() {
+            self.seen = Some(hash);
+            self.apply_text(&text, why);
+        }
+    }
+
+    fn apply_text(&mut self, text: &str, why: &str) {
+        let origin = self.config.origin.clone();
+        let result = Config::parse(text, origin)
+            .map_err(ReloadError::from)
+            .and_then(|new| self.apply(new));
+        match result {
+            Ok(report) => {
+                self.metrics.config_reload(ReloadResult::Ok);
+                log_sync(&report, "config reloaded");
+                tracing::info!(reason = why, "{}", self.config.summary());
+            }
+            Err(err) => {
+                self.metrics.config_reload(ReloadResult::Error);
+                tracing::warn!(
+                    reason = why,
+                    error = %super::error_chain(&err),
+                    "config reload refused; keeping the running config"
+                );
+            }
+        }
+    }
+
+    fn apply(&mut self, new: Config) -> Result<SyncReport, ReloadError> {
+        let restart = self.config.restart_required(&new);
+        if !restart.is_empty() {
+            return Err(ReloadError::RestartRequired(restart));
+        }
+        // The table first: a destination the maps start redirecting is already known to the
+        // proxy. Open connections keep their own snapshot.
+        let old = self.routes.swap(Arc::new(Routes::new(&new)));
+        match self.maps.sync(&new.desired_state()) {
+            Ok(report) => {
+                self.config = new;
+                self.readiness.set_synced(true);
+                Ok(report)
+            }
+            Err(err) => {
+                self.routes.store(old);
+                if let Err(again) = self.maps.sync(&self.config.desired_state()) {
+                    tracing::error!(error = %again, "cannot restore the previous maps either; not ready");
+                    self.readiness.set_synced(false);
+                }
+                Err(ReloadError::Sync(err))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        path::Path,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+
+    use super::*;
+    use crate::config::Origin;
+
+    #[derive(Default)]
+    struct FakeMaps {
+        synced: Vec<DesiredState>,
+        fail: bool,
+    }
+
+    impl MapSync for FakeMaps {
+        fn sync(&mut self, desired: &DesiredState) -> Result<SyncReport, EbpfError> {
+            self.synced.push(desired.clone());
+            if std::mem::take(&mut self.fail) {
+                return Err(EbpfError::EventsTaken);
+            }
+            Ok(SyncReport::default())
+        }
+    }
+
+    fn text(services: &str, connect_timeout_ms: u32) -> String {
+        format!(
+            "node: n\ncgroup: /sys/fs/cgroup/t\nproxy: {{ listen: \"127.0.0.2:15001\", \
+             connect_timeout_ms: {connect_timeout_ms} }}\ngateways: [127.0.0.1]\nservices:\n{services}"
+        )
+    }
+
+    const ONE: &str = "  - name: a\n    vips: [\"10.96.0.1:80\"]\n";
+    const TWO: &str =
+        "  - name: a\n    vips: [\"10.96.0.1:80\"]\n  - name: b\n    vips: [\"10.96.0.2:80\"]\n";
+
+    struct Setup {
+        path: PathBuf,
+        reloader: Reloader<FakeMaps>,
+        routes: SharedRoutes,
+        metrics: Arc<Metrics>,
+    }
+
+    impl Drop for Setup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn setup(initial: &str) -> Setup {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "nodegate-reload-{}-{}.yaml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, initial).unwrap();
+        let config = Config::parse(initial, Origin::File(path.clone())).unwrap();
+        let routes = Routes::shared(&config);
+        let metrics = Arc::new(Metrics::new(None));
+        let readiness = Arc::new(Readiness::default());
+        readiness.set_synced(true);
+        let reloader = Reloader::new(
+            config,
+            Some(path.clone()),
+            FakeMaps::default(),
+            routes.clone(),
+            metrics.clone(),
+            readiness,
+        );
+        Setup {
+            path,
+            reloader,
+            routes,
+            metrics,
+        }
+    }
+
+    fn resolves(routes: &SharedRoutes, dst: &str) -> bool {
+        routes.load().resolve(dst.parse().unwrap()).is_some()
+    }
+
+    fn reloads(metrics: &Metrics) -> String {
+        metrics
+            .encode()
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("nodegate_config_reloads_total"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn write(path: &Path, text: &str) {
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn unchanged_file_is_not_reloaded() {
+        let mut s = setup(&text(ONE, 1000));
+        s.reloader.poll();
+        s.reloader.poll();
+        assert_eq!(s.reloader.maps.synced.len(), 0);
+        assert_eq!(reloads(&s.metrics), "");
+    }
+
+    #[test]
+    fn a_changed_file_adds_and_removes_services() {
+        let mut s = setup(&text(ONE, 1000));
+        // Same size, same second: the content hash still sees the change.
+        write(&s.path, &text(TWO, 1000));
+        s.reloader.poll();
+        assert!(resolves(&s.routes, "10.96.0.2:80"));
+        assert_eq!(s.reloader.maps.synced.last().unwrap().services.len(), 2);
+        write(&s.path, &text(ONE, 2000));
+        s.reloader.poll();
+        assert!(!resolves(&s.routes, "10.96.0.2:80"));
+        assert_eq!(s.routes.load().connect_timeout.as_millis(), 2000);
+        assert_eq!(s.reloader.maps.synced.len(), 2);
+        assert_eq!(
+            reloads(&s.metrics),
+            "nodegate_config_reloads_total{result=\"ok\"} 2"
+        );
+    }
+
+    #[test]
+    fn a_bad_file_keeps_the_running_config_and_is_reported_once() {
+        let mut s = setup(&text(ONE, 1000));
+        write(&s.path, &text("  - name: Bad\n", 1000));
+        s.reloader.poll();
+        s.reloader.poll();
+        assert!(resolves(&s.routes, "10.96.0.1:80"));
+        assert_eq!(s.reloader.maps.synced.len(), 0);
+        assert_eq!(
+            reloads(&s.metrics),
+            "nodegate_config_reloads_total{result=\"error\"} 1"
+        );
+        // SIGHUP tries again, changed or not.
+        s.reloader.reload("SIGHUP");
+        assert_eq!(
+            reloads(&s.metrics),
+            "nodegate_config_reloads_total{result=\"error\"} 2"
+        );
+    }
+
+    #[test]
+    fn a_change_that_needs_a_restart_is_refused() {
+        let mut s = setup(&text(ONE, 1000));
+        write(
+            &s.path,
+            &text(TWO, 1000).replace("127.0.0.2:15001", "127.0.0.3:15001"),
+        );
+        s.reloader.poll();
+        assert!(!resolves(&s.routes, "10.96.0.2:80"));
+        assert_eq!(s.reloader.maps.synced.len(), 0);
+    }
+
+    #[test]
+    fn a_failed_sync_restores_the_previous_table_and_maps() {
+        let mut s = setup(&text(ONE, 1000));
+        s.reloader.maps.fail = true;
+        write(&s.path, &text(TWO, 1000));
+        s.reloader.poll();
+        assert!(!resolves(&s.routes, "10.96.0.2:80"));
+        let synced = &s.reloader.maps.synced;
+        assert_eq!(
+            synced.len(),
+            2,
+            "the new state, then the previous one again"
+        );
+        assert_eq!(synced[1].services.len(), 1);
+        assert_eq!(
+            reloads(&s.metrics),
+            "nodegate_config_reloads_total{result=\"error\"} 1"
+        );
+        assert!(!s.reloader.readiness.missing().contains(&"maps not synced"));
+    }
+}

@@ -11,7 +11,7 @@ use common::{
     connection_lines_to, counters, curl, dial, is_node_ip, node, s, served, served_peer, start,
     web,
 };
-use nodegate_tests::harness::{Mode, PROXY_PORT, ServiceConfig};
+use nodegate_tests::harness::{Mode, PROXY_PORT, ServiceConfig, metric_value, poll_until};
 
 const NOT_FROM_GATEWAY: &str = "not_from_gateway";
 
@@ -70,6 +70,14 @@ fn vip_reaches_the_backend_through_the_gateway() {
             .sum();
         assert_eq!(moved, 0, "bypass counted for {source}: {:?}", c.0);
     }
+
+    // Two allowed connections on /metrics.
+    let metrics = gw.metrics().expect("/metrics");
+    let allowed = metric_value(
+        &metrics,
+        r#"nodegate_connections_total{service="web",decision="allow",reason="source_allowed"}"#,
+    );
+    assert_eq!(allowed, Some(2.0), "/metrics:\n{metrics}");
 }
 
 #[test]
@@ -144,6 +152,12 @@ fn foreign_node_direct_connect_is_dropped_counted_and_logged() {
         "the backend must see nothing: {}",
         backend.stdout()
     );
+    let metrics = gw.metrics().expect("/metrics");
+    let attempts = metric_value(
+        &metrics,
+        r#"nodegate_bypass_attempts_total{service="web",reason="not_from_gateway",action="dropped"}"#,
+    );
+    assert!(attempts >= Some(2.0), "/metrics:\n{metrics}");
 }
 
 #[test]
@@ -384,5 +398,67 @@ fn a_direct_dial_of_the_proxy_port_is_refused() {
         served(&backend.stdout()).is_empty(),
         "nothing may reach the backend: {}",
         backend.stdout()
+    );
+}
+
+#[test]
+fn a_bypass_flood_is_rate_limited_in_the_log_and_counted_exactly() {
+    const ATTEMPTS: u64 = 30;
+    let node = node("flood", &["a", "b"]);
+    let (b, foreign) = (node.pod("b"), node.foreign());
+    let _backend = b.serve(8080, "b").expect("backend");
+    let gw = start(&node, config(&node, vec![web(&node, Mode::Enforce)]));
+    let target = b.v4(8080);
+    let source = IpAddr::from(foreign.ipv4);
+
+    // Concurrent attempts that give up before the first SYN retransmit (1 s): one SYN each.
+    let flood: Vec<_> = (0..ATTEMPTS)
+        .map(|i| {
+            let mut cmd = std::process::Command::new(&node.tools().ngpeer);
+            cmd.arg("connect").arg(target.to_string()).args([
+                "--send",
+                "flood",
+                "--timeout-ms",
+                "300",
+            ]);
+            foreign
+                .spawn(&format!("flood{i}"), cmd)
+                .expect("start ngpeer")
+        })
+        .collect();
+    for proc in &flood {
+        let status = proc.wait_timeout(std::time::Duration::from_secs(5));
+        assert!(status.is_some_and(|s| s.success()), "{}", proc.stderr());
+        assert!(
+            proc.stdout().contains(r#""kind":"timeout""#),
+            "{}",
+            proc.stdout()
+        );
+    }
+
+    let syns = counters(&gw).syns("web", source, NOT_FROM_GATEWAY, "dropped");
+    assert_eq!(syns, ATTEMPTS, "one SYN counted per attempt");
+    // Every event is accounted for: lines + suppressed = events, once the limiter has flushed.
+    let (lines, suppressed) = poll_until(
+        "bypass lines + suppressed to account for every attempt",
+        std::time::Duration::from_secs(10),
+        || {
+            let lines: Vec<_> = gw
+                .decisions()?
+                .into_iter()
+                .filter(|d| {
+                    s(d, "kind") == "bypass"
+                        && common::addr(d, "src").map(|a| a.ip()) == Some(source)
+                })
+                .collect();
+            let suppressed: u64 = lines.iter().filter_map(|d| d["suppressed"].as_u64()).sum();
+            let n = lines.len() as u64;
+            Ok((n + suppressed == ATTEMPTS).then_some((n, suppressed)))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; decision lines:\n{}", gw.decision_text()));
+    assert!(
+        suppressed > 0 && lines < ATTEMPTS,
+        "the log was not rate limited: {lines} lines"
     );
 }

@@ -320,6 +320,14 @@ impl Gateway {
         )
     }
 
+    /// `GET /metrics` (Prometheus text).
+    pub fn metrics(&self) -> Result<String> {
+        match self.admin_get("/metrics")? {
+            (200, body) => Ok(body),
+            (code, body) => Err(Error::Gateway(format!("/metrics answered {code}: {body}"))),
+        }
+    }
+
     /// SIGKILL the daemon and reap it. Pins and links stay, as after a crash.
     pub fn kill9(&self) -> Option<ExitStatus> {
         self.proc.kill()
@@ -534,6 +542,14 @@ impl Counters {
     }
 }
 
+/// The value of one series in Prometheus text, e.g.
+/// `metric_value(text, r#"nodegate_connections_total{service="web",decision="allow",reason="source_allowed"}"#)`.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 /// `bpftool cgroup show DIR --json`: the programs the kernel has attached directly to `dir`.
 pub fn bpftool_cgroup_show(dir: &Path) -> Result<Vec<Value>> {
     let mut cmd = Command::new("bpftool");
@@ -595,6 +611,16 @@ services:
         );
         let empty = sample().without_service("web");
         assert!(empty.to_yaml().ends_with("services: []\n"));
+    }
+
+    #[test]
+    fn metric_values_are_found_by_exact_series() {
+        let text =
+            "# TYPE x counter\nx_total{a=\"1\"} 3\nx_total{a=\"10\"} 5\nx_total 7 1700000000\n";
+        assert_eq!(metric_value(text, r#"x_total{a="1"}"#), Some(3.0));
+        assert_eq!(metric_value(text, r#"x_total{a="10"}"#), Some(5.0));
+        assert_eq!(metric_value(text, "x_total"), Some(7.0));
+        assert_eq!(metric_value(text, "x"), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::{path::Path, sync::Arc, time::Duration};
 
 use tokio::{
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::watch,
 };
 
@@ -56,6 +56,7 @@ pub(super) fn run(path: Option<&Path>) -> Result<(), CliError> {
         .build()
         .map_err(runtime_err("control"))?;
 
+    let signals = Signals::install(&control)?;
     proxy::check_mark(config.proxy.mark)?;
     let (datapath, events) = start_datapath(&config, &readiness, &control)?;
     let listeners = proxy::bind(&config.proxy.listeners())?;
@@ -91,7 +92,7 @@ pub(super) fn run(path: Option<&Path>) -> Result<(), CliError> {
         let bypass_task = tokio::spawn(bypass_log.run(events, shutdown_rx));
         readiness.set_listening(true);
         tracing::info!(admin = %admin.local_addr(), "ready");
-        let result = control_loop(&mut reloader, proxy_task).await;
+        let result = control_loop(&mut reloader, signals, proxy_task).await;
         readiness.set_listening(false);
         let _ = shutdown_tx.send(true);
         let result = match result {
@@ -161,23 +162,46 @@ fn start_datapath(
     Ok((datapath, events))
 }
 
+/// Installed before start-up, so that a signal during it is handled once serving, never
+/// by the default action.
+struct Signals {
+    sigterm: Signal,
+    sigint: Signal,
+    sighup: Signal,
+}
+
+impl Signals {
+    /// Needs the runtime that will poll them.
+    fn install(runtime: &tokio::runtime::Runtime) -> Result<Self, CliError> {
+        let _context = runtime.enter();
+        let handler = |kind: SignalKind, name: &'static str| {
+            signal(kind).map_err(|source| CliError::Signal {
+                signal: name,
+                source,
+            })
+        };
+        Ok(Self {
+            sigterm: handler(SignalKind::terminate(), "SIGTERM")?,
+            sigint: handler(SignalKind::interrupt(), "SIGINT")?,
+            sighup: handler(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+}
+
 type ProxyTask = tokio::task::JoinHandle<Result<(), proxy::ProxyError>>;
 
 /// Until SIGTERM/SIGINT: reload on SIGHUP and on file change. Returns the still running
 /// proxy task to drain, or an error if the proxy stopped on its own.
 async fn control_loop(
     reloader: &mut Reloader<Datapath>,
+    signals: Signals,
     mut proxy_task: ProxyTask,
 ) -> Result<ProxyTask, CliError> {
-    let handler = |kind: SignalKind, name: &'static str| {
-        signal(kind).map_err(|source| CliError::Signal {
-            signal: name,
-            source,
-        })
-    };
-    let mut sigterm = handler(SignalKind::terminate(), "SIGTERM")?;
-    let mut sigint = handler(SignalKind::interrupt(), "SIGINT")?;
-    let mut sighup = handler(SignalKind::hangup(), "SIGHUP")?;
+    let Signals {
+        mut sigterm,
+        mut sigint,
+        mut sighup,
+    } = signals;
     let mut poll = tokio::time::interval(RELOAD_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -154,7 +154,10 @@ fn embedded_default_and_example_parse() {
 
 /// Each bad config and a fragment its message must contain (the field path and the value).
 #[test]
-#[expect(clippy::too_many_lines, reason = "one table of cases, one per line of intent")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one table of cases, one per line of intent"
+)]
 fn bad_configs_name_the_field() {
     let too_long = "a".repeat(64);
     let cases: Vec<(String, &str)> = vec![

@@ -11,7 +11,7 @@ use std::{
     error::Error,
     fs,
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, ExitCode},
     time::Duration,
 };
@@ -287,20 +287,16 @@ fn clean_up(node: Node, gateway: Gateway) -> DemoResult {
     show(&gateway.detach()?.stdout);
     drop(gateway);
     drop(node);
-    let (netns, cgroup, pins, dir) = footprint;
-    let left: Vec<String> = netns
-        .iter()
-        .map(|ns| PathBuf::from("/run/netns").join(ns))
-        .chain([cgroup, pins, dir])
-        .filter(|path| path.exists())
-        .map(|path| path.display().to_string())
-        .collect();
+    let mut left = footprint.leftovers();
+    if footprint.dir.exists() {
+        left.push(footprint.dir.display().to_string());
+    }
     if !left.is_empty() {
         return Err(format!("left behind: {}", left.join(", ")).into());
     }
     say(&format!(
         "Removed {} network namespaces, the cgroups, the pin directory and the temp files.",
-        netns.len()
+        footprint.netns.len()
     ));
     Ok(())
 }

@@ -6,7 +6,7 @@ mod common;
 use std::{fs, net::IpAddr, os::unix::fs::MetadataExt, path::Path, thread, time::Duration};
 
 use common::{OK_TIMEOUT, assert_answered, dial, node, served_peer};
-use nodegate_tests::harness::{Node, NodeSpec, Place, TMP_ROOT};
+use nodegate_tests::harness::{Footprint, Node, NodeSpec, Place, TMP_ROOT};
 
 fn assert_inside(node: &Node, place: &Place, pid: u32) {
     let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("read /proc/PID/cgroup");
@@ -36,27 +36,9 @@ fn assert_inside(node: &Node, place: &Place, pid: u32) {
     let _ = node;
 }
 
-fn assert_gone(
-    footprint: &(
-        Vec<String>,
-        std::path::PathBuf,
-        std::path::PathBuf,
-        std::path::PathBuf,
-    ),
-    pids: &[u32],
-) {
-    let (netns, cgroup, bpffs, _) = footprint;
-    let listed = fs::read_dir("/run/netns")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    for ns in netns {
-        assert!(!listed.contains(ns), "netns {ns} left behind");
-    }
-    assert!(!cgroup.exists(), "cgroup {} left behind", cgroup.display());
-    assert!(!bpffs.exists(), "pin dir {} left behind", bpffs.display());
+fn assert_gone(footprint: &Footprint, pids: &[u32]) {
+    let left = footprint.leftovers();
+    assert!(left.is_empty(), "left behind: {left:?}");
     for pid in pids {
         assert!(
             !Path::new(&format!("/proc/{pid}")).exists(),
@@ -137,9 +119,9 @@ fn pods_foreign_and_host_network_reach_each_other_without_a_gateway() {
     drop(node);
     assert_gone(&footprint, &pids);
     assert!(
-        !footprint.3.exists(),
+        !footprint.dir.exists(),
         "temp dir {} left behind",
-        footprint.3.display()
+        footprint.dir.display()
     );
 }
 
@@ -167,8 +149,8 @@ fn leftovers_of_a_killed_run_are_removed_first() {
     let footprint = leaked.footprint();
     std::mem::forget(server);
     std::mem::forget(leaked);
-    fs::create_dir_all(&footprint.2).expect("a stale pin dir");
-    fs::write(footprint.3.join("stale"), "x").expect("a stale temp file");
+    fs::create_dir_all(&footprint.bpffs).expect("a stale pin dir");
+    fs::write(footprint.dir.join("stale"), "x").expect("a stale temp file");
 
     let node = node("topoleak", &["a"]);
     // The leaked server was killed (its cgroup emptied) and everything rebuilt.
@@ -176,8 +158,8 @@ fn leftovers_of_a_killed_run_are_removed_first() {
     let zombie_or_gone = fs::read_to_string(format!("/proc/{stale_pid}/stat"))
         .map_or(true, |s| s.split_whitespace().nth(2) == Some("Z"));
     assert!(zombie_or_gone, "stale server {stale_pid} still running");
-    assert!(!footprint.2.exists(), "stale pin dir kept");
-    assert!(!footprint.3.join("stale").exists(), "stale temp dir kept");
+    assert!(!footprint.bpffs.exists(), "stale pin dir kept");
+    assert!(!footprint.dir.join("stale").exists(), "stale temp dir kept");
     let _server = node
         .pod("a")
         .serve(8080, "a")
@@ -201,8 +183,8 @@ fn a_panicking_test_still_tears_everything_down() {
     let (footprint, pid) = rx.recv().expect("footprint");
     assert_gone(&footprint, &[pid]);
     // Logs are kept for a panicking test; the next run with the same name removes them.
-    assert!(footprint.3.starts_with(TMP_ROOT));
-    let _ = fs::remove_dir_all(&footprint.3);
+    assert!(footprint.dir.starts_with(TMP_ROOT));
+    let _ = fs::remove_dir_all(&footprint.dir);
 }
 
 #[test]

@@ -36,7 +36,7 @@ pub use gateway::{
     bpftool_cgroup_show, metric_value, poll_until,
 };
 pub use netns::{http_get_in_netns, tcp_connect_in_netns};
-pub use node::{FOREIGN, HOSTNET, NODE, Node, NodeSpec, Place};
+pub use node::{FOREIGN, Footprint, HOSTNET, NODE, Node, NodeSpec, Place};
 pub use process::{Output, PeerReply, Proc, run_command};
 
 /// Root of the cgroup v2 hierarchy on the machines this runs on.

@@ -125,7 +125,10 @@ impl Place {
             .map_err(io_err(format!("stat {}", self.cgroup.display())))
     }
 
-    /// Starts `cmd` here; it runs until killed (or the node is dropped).
+    /// Starts `cmd` here; it runs until killed, its [`Proc`] is dropped, or the node is dropped.
+    /// It also gets SIGKILL when the *thread* that started it exits (`PR_SET_PDEATHSIG`), so
+    /// that a killed test run leaves nothing running: start long-lived processes from the
+    /// thread that owns the node.
     pub fn spawn(&self, label: &str, cmd: Command) -> Result<Proc> {
         self.rt.spawn(
             &format!("{}-{label}", self.name),
@@ -582,20 +585,50 @@ impl Node {
         )
     }
 
-    /// Every name this node created, for leak checks: (netns names, cgroup dir, pin dir, temp dir).
-    pub fn footprint(&self) -> (Vec<String>, PathBuf, PathBuf, PathBuf) {
-        let netns = self
+    /// Everything this node creates, for leak checks after it is dropped.
+    pub fn footprint(&self) -> Footprint {
+        let netns: std::collections::BTreeSet<_> = self
             .inner
             .places
             .values()
             .map(|p| p.netns.clone())
-            .collect::<std::collections::BTreeSet<_>>();
-        (
-            netns.into_iter().collect(),
-            cgroup_dir(&self.inner.prefix),
-            self.bpffs(),
-            self.inner.rt.dir.clone(),
-        )
+            .collect();
+        Footprint {
+            netns: netns.into_iter().collect(),
+            cgroup: cgroup_dir(&self.inner.prefix),
+            bpffs: self.bpffs(),
+            dir: self.inner.rt.dir.clone(),
+        }
+    }
+}
+
+/// The names a node creates (see [`Node::footprint`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Footprint {
+    pub netns: Vec<String>,
+    /// `<cgroup2>/<prefix>` (pods, gateway, node and foreign cgroups below it).
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    /// The temp dir (kept after a panic, for the logs).
+    pub dir: PathBuf,
+}
+
+impl Footprint {
+    /// What still exists of the namespaces, the cgroup tree and the pin dir (not the temp dir).
+    pub fn leftovers(&self) -> Vec<String> {
+        let listed = netns_names();
+        let mut left: Vec<String> = self
+            .netns
+            .iter()
+            .filter(|ns| listed.contains(ns))
+            .map(|ns| format!("netns {ns}"))
+            .collect();
+        for dir in [&self.cgroup, &self.bpffs] {
+            if dir.exists() {
+                left.push(dir.display().to_string());
+            }
+        }
+        left
     }
 }
 
@@ -732,17 +765,24 @@ fn teardown(prefix: &str, remove_dir: bool) {
     }
 }
 
-/// Network namespaces named `<prefix>-*`.
-fn netns_with_prefix(prefix: &str) -> Vec<String> {
-    let start = format!("{prefix}-");
+/// Every named network namespace (`/run/netns`).
+fn netns_names() -> Vec<String> {
     fs::read_dir("/run/netns")
         .map(|entries| {
             entries
                 .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter(|name| name.starts_with(&start))
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Network namespaces named `<prefix>-*`.
+fn netns_with_prefix(prefix: &str) -> Vec<String> {
+    let start = format!("{prefix}-");
+    netns_names()
+        .into_iter()
+        .filter(|name| name.starts_with(&start))
+        .collect()
 }
 
 /// rmdir every cgroup below and including `dir`, leaves first. True if `dir` is gone.

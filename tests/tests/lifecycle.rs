@@ -4,7 +4,7 @@
 mod common;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     path::Path,
     time::Duration,
@@ -15,7 +15,9 @@ use common::{
     config, connection_line, connection_lines_to, counters, dial, node, s, served_peer, start,
     status, web,
 };
-use nodegate_tests::harness::{Gateway, Mode, ServiceConfig, bpftool_cgroup_show, poll_until};
+use nodegate_tests::harness::{
+    Gateway, Mode, ServiceConfig, bpftool_cgroup_show, bpftool_prog_ids, poll_until,
+};
 use serde_json::Value;
 
 const NOT_FROM_GATEWAY: &str = "not_from_gateway";
@@ -51,6 +53,34 @@ fn assert_one_copy_each(cgroup: &Path) -> BTreeMap<String, usize> {
         cgroup.display()
     );
     by_type
+}
+
+/// Ids of the programs attached directly to `cgroup`.
+fn attached_ids(cgroup: &Path) -> BTreeSet<u64> {
+    bpftool_cgroup_show(cgroup)
+        .unwrap_or_else(|e| panic!("bpftool cgroup show: {e}"))
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+/// After a restart: the new programs were swapped into the links and the old ones are gone
+/// from the kernel (none leaked, none still attached).
+#[track_caller]
+fn assert_swapped(cgroup: &Path, old: &BTreeSet<u64>) -> BTreeSet<u64> {
+    let new = attached_ids(cgroup);
+    assert!(
+        new.is_disjoint(old),
+        "old programs still attached: old {old:?}, now {new:?}"
+    );
+    // Programs are freed after an RCU grace period: allow a moment.
+    poll_until(
+        "the old programs to be unloaded",
+        Duration::from_secs(5),
+        || Ok(bpftool_prog_ids()?.is_disjoint(old).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e}: old {old:?}, loaded {:?}", bpftool_prog_ids()));
+    new
 }
 
 /// Destinations listed by `status --json` for `service`.
@@ -122,6 +152,7 @@ fn restart_reuses_the_links_and_keeps_the_counters() {
         "status links vs attached programs"
     );
     let before = foreign_drop(&gw, &node);
+    let ids = attached_ids(&node.pods_cgroup());
 
     // A crash and restart, then a clean stop and restart.
     gw.restart()
@@ -131,6 +162,7 @@ fn restart_reuses_the_links_and_keeps_the_counters() {
         hooks,
         "after restart"
     );
+    let ids = assert_swapped(&node.pods_cgroup(), &ids);
     let kept = counters(&gw).syns(
         "web",
         node.foreign().ipv4.into(),
@@ -151,6 +183,7 @@ fn restart_reuses_the_links_and_keeps_the_counters() {
         hooks,
         "after the second restart"
     );
+    assert_swapped(&node.pods_cgroup(), &ids);
 
     let r = dial(a, node.vip_v4(10, 80), "restarted", OK_TIMEOUT);
     assert_answered(&r, "b", "restarted");

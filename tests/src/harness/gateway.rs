@@ -567,6 +567,23 @@ pub fn bpftool_cgroup_show(dir: &Path) -> Result<Vec<Value>> {
     }
 }
 
+/// Ids of every BPF program loaded in the kernel (`bpftool prog show --json`).
+pub fn bpftool_prog_ids() -> Result<std::collections::BTreeSet<u64>> {
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["prog", "show", "--json"]);
+    let out = run_command(cmd, CLI_TIMEOUT)?.ok()?;
+    if out.stdout.trim().is_empty() {
+        return Ok(std::collections::BTreeSet::new());
+    }
+    match out.json()? {
+        Value::Array(items) => Ok(items.iter().filter_map(|p| p.get("id")?.as_u64()).collect()),
+        other => Err(Error::Parse {
+            what: out.command,
+            detail: format!("not a JSON array: {other}"),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

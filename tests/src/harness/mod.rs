@@ -33,7 +33,7 @@ use std::{
 
 pub use gateway::{
     ADMIN_PORT, Counters, Gateway, GatewayConfig, Mode, PROXY_PORT, ServiceConfig,
-    bpftool_cgroup_show, metric_value, poll_until,
+    bpftool_cgroup_show, bpftool_prog_ids, metric_value, poll_until,
 };
 pub use netns::{http_get_in_netns, tcp_connect_in_netns};
 pub use node::{FOREIGN, Footprint, HOSTNET, NODE, Node, NodeSpec, Place};

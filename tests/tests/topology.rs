@@ -113,6 +113,21 @@ fn pods_foreign_and_host_network_reach_each_other_without_a_gateway() {
         .is_err()
     );
 
+    // Forwarding is on in the node netns only.
+    let sysctl = |netns: &str, key: &str| {
+        let mut cat = std::process::Command::new("ip");
+        cat.args(["netns", "exec", netns, "cat"])
+            .arg(format!("/proc/sys/{key}"));
+        let out = nodegate_tests::harness::run_command(cat, Duration::from_secs(5)).expect("cat");
+        out.stdout.trim().to_owned()
+    };
+    assert_eq!(sysctl(node.node_netns(), "net/ipv4/ip_forward"), "1");
+    assert_eq!(
+        sysctl(node.node_netns(), "net/ipv6/conf/all/forwarding"),
+        "1"
+    );
+    assert_eq!(sysctl(&a.netns, "net/ipv4/ip_forward"), "0");
+
     let footprint = node.footprint();
     let pids = [server.pid(), hostnet.pid()];
     drop((server, hostnet));

@@ -39,6 +39,39 @@ pub fn tcp_connect_in_netns(netns: &str, addr: SocketAddr, timeout: Duration) ->
     }
 }
 
+/// Writes sysctls (`("net/ipv4/ip_forward", "1")`, paths under `/proc/sys`) inside the named
+/// netns: `/proc/sys/net` shows the namespace of the thread that opens it, so no `sysctl`
+/// binary (procps) is needed.
+pub fn sysctl_in_netns(netns: &str, settings: &[(&str, &str)]) -> Result<()> {
+    let path = format!("/run/netns/{netns}");
+    let ns = File::open(&path).map_err(io_err(format!("open {path}")))?;
+    let written = thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: plain syscall on a valid fd; it affects this short-lived thread only.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(Error::Io {
+                        what: format!("setns into {netns}"),
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+                for (key, value) in settings {
+                    let file = format!("/proc/sys/{key}");
+                    std::fs::write(&file, value)
+                        .map_err(io_err(format!("write {value} to {file} in netns {netns}")))?;
+                }
+                Ok(())
+            })
+            .join()
+    });
+    written.unwrap_or_else(|_| {
+        Err(Error::Io {
+            what: format!("sysctl in netns {netns}"),
+            source: std::io::Error::other("sysctl thread panicked"),
+        })
+    })
+}
+
 /// `GET path` over HTTP/1.0 inside the named netns; returns the status code and the body.
 pub fn http_get_in_netns(
     netns: &str,

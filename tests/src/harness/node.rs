@@ -17,6 +17,7 @@ use super::{
     BPFFS_ROOT, CGROUP2_ROOT, Error, Result, TMP_ROOT, Tools,
     gateway::{Gateway, GatewayConfig},
     io_err,
+    netns::sysctl_in_netns,
     process::{Output, POLL, PeerReply, Proc, Runtime, finish, run_command},
 };
 
@@ -351,13 +352,13 @@ impl Node {
             &["addr", "add", &format!("{n6}/128"), "dev", "lo", "nodad"],
         )?;
         // Forwarding and rp_filter inside the node netns only.
-        sysctl_in(
+        sysctl_in_netns(
             &node.netns,
             &[
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
+                ("net/ipv4/ip_forward", "1"),
+                ("net/ipv6/conf/all/forwarding", "1"),
+                ("net/ipv4/conf/all/rp_filter", "0"),
+                ("net/ipv4/conf/default/rp_filter", "0"),
             ],
         )?;
 
@@ -691,15 +692,6 @@ fn ip(args: &[&str]) -> Result<()> {
 fn ipn(netns: &str, args: &[&str]) -> Result<()> {
     let mut cmd = Command::new("ip");
     cmd.args(["-n", netns]).args(args);
-    run_command(cmd, SETUP_CMD_TIMEOUT)?.ok().map(drop)
-}
-
-/// sysctl inside a netns. `ip netns exec` is fine here: sysctl needs only /proc/sys/net, which
-/// reflects the netns the writer is in.
-fn sysctl_in(netns: &str, settings: &[&str]) -> Result<()> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", netns, "sysctl", "-q", "-w"])
-        .args(settings);
     run_command(cmd, SETUP_CMD_TIMEOUT)?.ok().map(drop)
 }
 

@@ -16,7 +16,7 @@ use common::{
     status, web,
 };
 use nodegate_tests::harness::{
-    Gateway, Mode, ServiceConfig, bpftool_cgroup_show, bpftool_prog_ids, poll_until,
+    Gateway, Mode, ServiceConfig, bpftool_cgroup_show, bpftool_prog_ids, metric_value, poll_until,
 };
 use serde_json::Value;
 
@@ -329,5 +329,105 @@ fn detach_removes_everything() {
     assert_eq!(
         served_peer(&backend.stdout(), "plain-foreign").map(|p| p.ip()),
         Some(IpAddr::from(foreign.ipv4))
+    );
+}
+
+/// `api`: VIP `10.96.N.20:80`, endpoints pod c `:8080`.
+fn api(node: &nodegate_tests::harness::Node) -> ServiceConfig {
+    let c = node.pod("c");
+    ServiceConfig::new("api", Mode::Enforce)
+        .vip(node.vip_v4(20, 80))
+        .endpoint(c.v4(8080))
+        .endpoint(c.v6(8080))
+        .allow(&node.cidr_v4())
+        .allow(&node.cidr_v6())
+}
+
+#[test]
+fn a_config_that_does_not_parse_keeps_the_running_one() {
+    let node = node("badreload", &["a", "b"]);
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    let _backend = b.serve(8080, "b").expect("backend");
+    let gw = start(&node, config(&node, vec![web(&node, Mode::Enforce)]));
+    let before = status(&gw);
+
+    gw.write_config_text("services: [\n")
+        .expect("write a broken config");
+    gw.sighup().expect("SIGHUP");
+    poll_until(
+        "the failed reload on /metrics",
+        Duration::from_secs(10),
+        || {
+            let m = gw.metrics()?;
+            let failed = metric_value(&m, r#"nodegate_config_reloads_total{result="error"}"#);
+            Ok(failed.is_some_and(|n| n >= 1.0).then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; stderr:\n{}", gw.stderr()));
+    assert!(
+        gw.is_running(),
+        "a bad file must not stop the daemon: {}",
+        gw.stderr()
+    );
+    assert_eq!(
+        destinations(&status(&gw), "web"),
+        destinations(&before, "web"),
+        "protected destinations changed"
+    );
+    let r = dial(a, node.vip_v4(10, 80), "still", OK_TIMEOUT);
+    assert_answered(&r, "b", "still");
+    connection_line(&gw, common::local(&r));
+    assert_timed_out(&dial(
+        node.foreign(),
+        b.v4(8080),
+        "still-dropped",
+        DROP_TIMEOUT,
+    ));
+}
+
+#[test]
+fn stale_entries_are_reconciled_on_restart() {
+    let node = node("reconcile", &["a", "b", "c"]);
+    let (a, c, foreign) = (node.pod("a"), node.pod("c"), node.foreign());
+    let _web = node.pod("b").serve(8080, "b").expect("web backend");
+    let api_backend = c.serve(8080, "c").expect("api backend");
+    let mut gw = start(
+        &node,
+        config(&node, vec![web(&node, Mode::Enforce), api(&node)]),
+    );
+    assert_eq!(destinations(&status(&gw), "api").len(), 3);
+    assert_timed_out(&dial(foreign, c.v4(8080), "api-protected", DROP_TIMEOUT));
+
+    // The config changes while the daemon is down: the pinned maps still hold api.
+    gw.kill9().expect("running");
+    gw.write_config(config(&node, vec![web(&node, Mode::Enforce)]))
+        .expect("write config");
+    assert_eq!(
+        destinations(&status(&gw), "api").len(),
+        3,
+        "pins keep api while down"
+    );
+    gw.restart()
+        .unwrap_or_else(|e| panic!("restart with the new config: {e}"));
+
+    // Ready means reconciled: api is gone at once, web stays.
+    let st = status(&gw);
+    assert!(
+        destinations(&st, "api").is_empty(),
+        "stale api entries: {st}"
+    );
+    assert_eq!(destinations(&st, "web").len(), 4, "{st}");
+    let r = dial(foreign, c.v4(8080), "api-open", OK_TIMEOUT);
+    assert_answered(&r, "c", "api-open");
+    let r = dial(a, c.v4(8080), "api-direct", OK_TIMEOUT);
+    assert_answered(&r, "c", "api-direct");
+    assert_eq!(
+        served_peer(&api_backend.stdout(), "api-direct"),
+        r.local,
+        "not proxied"
+    );
+    assert!(
+        !dial(a, node.vip_v4(20, 80), "api-vip", OK_TIMEOUT).ok,
+        "api VIP gone"
     );
 }

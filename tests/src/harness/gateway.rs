@@ -351,11 +351,21 @@ impl Gateway {
         self.wait_ready()
     }
 
-    /// Rewrites the config file with `config` and sends SIGHUP. The caller waits for the effect
-    /// (e.g. with [`Self::status`] and [`poll_until`]).
-    pub fn reload(&mut self, config: GatewayConfig) -> Result<()> {
+    /// Rewrites the config file with `config` (no signal: for a daemon that is down, or to
+    /// test the file watch).
+    pub fn write_config(&mut self, config: GatewayConfig) -> Result<()> {
         write_file(&self.config_path, &config.to_yaml())?;
         self.config = config;
+        Ok(())
+    }
+
+    /// Rewrites the config file with raw text (e.g. one that does not parse).
+    pub fn write_config_text(&self, text: &str) -> Result<()> {
+        write_file(&self.config_path, text)
+    }
+
+    /// Sends SIGHUP (reload the config file).
+    pub fn sighup(&self) -> Result<()> {
         if self.proc.signal(libc::SIGHUP) {
             Ok(())
         } else {
@@ -364,6 +374,13 @@ impl Gateway {
                 self.stderr()
             )))
         }
+    }
+
+    /// Rewrites the config file with `config` and sends SIGHUP. The caller waits for the effect
+    /// (e.g. with [`Self::status`] and [`poll_until`]).
+    pub fn reload(&mut self, config: GatewayConfig) -> Result<()> {
+        self.write_config(config)?;
+        self.sighup()
     }
 
     /// Every complete line of the decision file, parsed.

@@ -3,7 +3,10 @@
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use common::{
     DROP_TIMEOUT, OK_TIMEOUT, assert_allowed, assert_answered, assert_closed_unanswered,
@@ -31,6 +34,7 @@ fn vip_reaches_the_backend_through_the_gateway() {
     let line = connection_line(&gw, client);
     assert_allowed(&line, "web", vip, a, &both(b, 8080));
     assert_eq!(s(&line, "mode"), "enforce");
+    assert_eq!(s(&line, "node"), gw.config().node, "{line}");
     assert!(
         line["bytes_up"].as_u64() > Some(0) && line["bytes_down"].as_u64() > Some(0),
         "{line}"
@@ -427,7 +431,7 @@ fn a_bypass_flood_is_rate_limited_in_the_log_and_counted_exactly() {
         })
         .collect();
     for proc in &flood {
-        let status = proc.wait_timeout(std::time::Duration::from_secs(5));
+        let status = proc.wait_timeout(Duration::from_secs(5));
         assert!(status.is_some_and(|s| s.success()), "{}", proc.stderr());
         assert!(
             proc.stdout().contains(r#""kind":"timeout""#),
@@ -441,7 +445,7 @@ fn a_bypass_flood_is_rate_limited_in_the_log_and_counted_exactly() {
     // Every event is accounted for: lines + suppressed = events, once the limiter has flushed.
     let (lines, suppressed) = poll_until(
         "bypass lines + suppressed to account for every attempt",
-        std::time::Duration::from_secs(10),
+        Duration::from_secs(10),
         || {
             let lines: Vec<_> = gw
                 .decisions()?
@@ -460,5 +464,97 @@ fn a_bypass_flood_is_rate_limited_in_the_log_and_counted_exactly() {
     assert!(
         suppressed > 0 && lines < ATTEMPTS,
         "the log was not rate limited: {lines} lines"
+    );
+}
+
+#[test]
+fn audit_mode_forwards_a_source_the_rule_would_deny() {
+    let node = node("wouldeny", &["a", "b", "c"]);
+    let (a, b, c) = (node.pod("a"), node.pod("b"), node.pod("c"));
+    let backend = b.serve(8080, "b").expect("backend");
+    let only_a = ServiceConfig::new("web", Mode::Audit)
+        .vip(node.vip_v4(10, 80))
+        .endpoint(b.v4(8080))
+        .allow(&format!("{}/32", a.ipv4));
+    let gw = start(&node, config(&node, vec![only_a]));
+    let vip = node.vip_v4(10, 80);
+
+    let r = dial(c, vip, "audited", OK_TIMEOUT);
+    assert_answered(&r, "b", "audited");
+    let line = connection_line(&gw, common::local(&r));
+    assert_eq!(s(&line, "decision"), "would_deny", "{line}");
+    assert_eq!(s(&line, "reason"), "source_not_allowed", "{line}");
+    assert_eq!(s(&line, "mode"), "audit", "{line}");
+    assert_eq!(common::addr(&line, "upstream"), Some(b.v4(8080)), "{line}");
+    let peer = served_peer(&backend.stdout(), "audited").expect("forwarded");
+    assert!(is_node_ip(&node, peer.ip()), "backend saw {peer}");
+
+    let r = dial(a, vip, "listed", OK_TIMEOUT);
+    assert_answered(&r, "b", "listed");
+    assert_eq!(
+        s(&connection_line(&gw, common::local(&r)), "decision"),
+        "allow"
+    );
+}
+
+#[test]
+fn an_unavailable_upstream_is_logged_and_the_client_closed() {
+    let node = node("noupstrm", &["a", "b"]);
+    let a = node.pod("a");
+    // Nothing listens on b:8080.
+    let gw = start(&node, config(&node, vec![web(&node, Mode::Enforce)]));
+    let vip = node.vip_v4(10, 80);
+
+    let r = dial(a, vip, "nobody", OK_TIMEOUT);
+    assert_closed_unanswered(&r);
+    let line = connection_line_from(&gw, a.ipv4.into(), |d| common::addr(d, "dst") == Some(vip));
+    assert_eq!(s(&line, "reason"), "upstream_unavailable", "{line}");
+    assert_eq!(s(&line, "service"), "web", "{line}");
+    assert_ne!(s(&line, "decision"), "", "{line}");
+}
+
+/// Peak resident set of a process, in KiB (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+#[test]
+fn a_large_transfer_streams_through_the_proxy_without_buffering() {
+    const SIZE: u64 = 64 * 1024 * 1024;
+    let node = node("stream", &["a", "b"]);
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    let _backend = b.serve(8080, "b").expect("backend");
+    let gw = start(&node, config(&node, vec![web(&node, Mode::Enforce)]));
+    let rss_before = peak_rss_kib(gw.pid());
+
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-sS", "--max-time", "60", "-o", "/dev/null"])
+        .args(["-w", "%{size_download} %{local_ip} %{local_port}"])
+        .arg(format!("http://{}/bytes/{SIZE}", node.vip_v4(10, 80)));
+    let out = a.run(curl, Duration::from_secs(70)).expect("run curl");
+    assert!(out.success(), "{out:?}");
+    let fields: Vec<&str> = out.stdout.split_whitespace().collect();
+    assert_eq!(
+        fields.first().copied(),
+        Some(SIZE.to_string().as_str()),
+        "{out:?}"
+    );
+    let client = SocketAddr::new(
+        fields[1].parse().expect("local ip"),
+        fields[2].parse().expect("local port"),
+    );
+    let line = connection_line(&gw, client);
+    assert!(line["bytes_down"].as_u64() >= Some(SIZE), "{line}");
+
+    // Copying, not buffering: the proxy's peak memory grows far less than what went through.
+    let grown = peak_rss_kib(gw.pid()).saturating_sub(rss_before);
+    assert!(
+        grown < 16 * 1024,
+        "gateway peak RSS grew by {grown} KiB for a {SIZE}-byte transfer"
     );
 }

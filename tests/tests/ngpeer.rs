@@ -91,6 +91,21 @@ fn http_get_is_answered() {
     let out = run_command(curl, Duration::from_secs(5)).expect("run curl");
     assert!(out.success(), "{out:?}");
     assert_eq!(out.stdout, "hello from web");
+
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sS",
+        "--max-time",
+        "3",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download}",
+    ])
+    .arg(format!("http://{}/bytes/1000003", server.addr));
+    let out = run_command(curl, Duration::from_secs(5)).expect("run curl");
+    assert!(out.success(), "{out:?}");
+    assert_eq!(out.stdout, "1000003");
 }
 
 #[test]

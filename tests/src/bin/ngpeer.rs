@@ -8,7 +8,7 @@
 //! `serve` prints `listening ADDR` once per bound address, then one JSON line per connection
 //! (`{"event":"conn","peer":..,"local":..,"read":..}`). For each connection it reads until a
 //! newline or EOF and answers `N:<what it read>`; a request starting with `GET ` is answered as
-//! HTTP/1.0 with `200` and the body `hello from N`.
+//! HTTP/1.0 with `200` and the body `hello from N` (`GET /bytes/SIZE`: SIZE bytes, streamed).
 //!
 //! `connect` prints exactly one JSON line and exits 0 whatever happened on the wire:
 //! `{"ok","connected","error","kind","errno","local","reply"}` where `kind` is one of `refused`,
@@ -201,18 +201,25 @@ fn handle(mut stream: TcpStream, name: &str) {
         }
     }
     let read = String::from_utf8_lossy(&buf).into_owned();
-    let reply = if is_http(&buf) {
-        let body = format!("hello from {name}");
-        format!(
-            "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
+    let written = if is_http(&buf) {
+        let size = http_bytes_path(&read);
+        let head = |len: usize| {
+            format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+            )
+        };
+        if let Some(len) = size {
+            stream
+                .write_all(head(len).as_bytes())
+                .and_then(|()| write_pattern(&mut stream, len))
+        } else {
+            let body = format!("hello from {name}");
+            stream.write_all(format!("{}{body}", head(body.len())).as_bytes())
+        }
     } else {
-        format!("{name}:{read}")
-    };
-    let written = stream
-        .write_all(reply.as_bytes())
-        .and_then(|()| stream.flush());
+        stream.write_all(format!("{name}:{read}").as_bytes())
+    }
+    .and_then(|()| stream.flush());
     let _ = stream.shutdown(Shutdown::Write);
     let line = json!({
         "event": "conn",
@@ -225,6 +232,25 @@ fn handle(mut stream: TcpStream, name: &str) {
     // Drain until the client closes so that our close is a FIN, not an RST.
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = io::copy(&mut stream, &mut io::sink());
+}
+
+/// `GET /bytes/N` asks for a body of N bytes (streamed, for large transfers).
+fn http_bytes_path(request: &str) -> Option<usize> {
+    let path = request.strip_prefix("GET ")?.split_whitespace().next()?;
+    path.strip_prefix("/bytes/")?.parse().ok()
+}
+
+/// Writes `len` bytes of a repeating pattern in 64 KiB chunks.
+fn write_pattern(stream: &mut TcpStream, mut len: usize) -> io::Result<()> {
+    let chunk: Vec<u8> = (0..64 * 1024)
+        .map(|i| b'a' + u8::try_from(i % 26).unwrap_or(0))
+        .collect();
+    while len > 0 {
+        let n = len.min(chunk.len());
+        stream.write_all(&chunk[..n])?;
+        len -= n;
+    }
+    Ok(())
 }
 
 fn is_http(buf: &[u8]) -> bool {

@@ -36,7 +36,7 @@ use cgroup::CgroupHome;
 use criterion::{Criterion, SamplingMode};
 use netns_worker::NetnsWorker;
 use nodegate_tests::harness::{
-    Gateway, Mode, Node, NodeSpec, Proc, ServiceConfig, Tools, run_command, workspace_dir,
+    Gateway, Mode, Node, NodeSpec, Proc, ServiceConfig, Tools, workspace_dir,
 };
 use serde_json::{Value, json};
 
@@ -269,14 +269,14 @@ fn enter(cgroup: &Path) {
         .unwrap_or_else(|e| panic!("moving the bench into {}: {e}", cgroup.display()));
 }
 
-/// Ephemeral ports: the whole upper range, and `TIME_WAIT` reuse for outgoing connections (the
-/// proxy's upstream sockets close first). Only inside the simulated node's namespaces.
-fn tune_ports(netns: &str) -> Result<(), nodegate_tests::harness::Error> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", netns, "sysctl", "-q", "-w"])
-        .arg("net.ipv4.ip_local_port_range=16000 65000")
-        .arg("net.ipv4.tcp_tw_reuse=1");
-    run_command(cmd, Duration::from_secs(10))?.ok().map(drop)
+/// Ephemeral ports: most of the range, and `TIME_WAIT` reuse for outgoing connections (the
+/// proxy's upstream sockets close first). Only inside the simulated node's namespaces, written
+/// through `/proc/sys/net`, which shows the namespace of the thread that opens it.
+fn tune_ports(netns: &str) -> std::io::Result<()> {
+    NetnsWorker::new(netns)?.run(|| {
+        fs::write("/proc/sys/net/ipv4/ip_local_port_range", "16000 65000")?;
+        fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")
+    })
 }
 
 fn bench_connect(c: &mut Criterion, rig: &Rig, benchmarks: &mut Vec<Value>) {

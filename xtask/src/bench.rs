@@ -170,6 +170,15 @@ impl<'a> Report<'a> {
             str_of(&env["kernel"]),
             str_of(&env["gateway"]),
         );
+        let load = &self.results["load_average"];
+        let _ = writeln!(
+            md,
+            "1-minute load average: {:.2} at the start, {:.2} at the end (with {} CPUs, anything \
+             well above 0 means other work shared the machine and the figures are noisier).\n",
+            num(&load["start"]),
+            num(&load["end"]),
+            env["cpus"],
+        );
     }
 
     fn criterion_tables(&self, md: &mut String) {

@@ -59,6 +59,7 @@ fn main() -> ExitCode {
     if let Some(addrs) = env::var_os(server::ROLE_ENV) {
         return server::run(&addrs.to_string_lossy());
     }
+    let load_start = load_average();
     let plan = if env::var_os(QUICK_ENV).is_some() {
         Plan::QUICK
     } else {
@@ -98,6 +99,7 @@ fn main() -> ExitCode {
     let results = json!({
         "quick": plan.quick,
         "environment": environment(&rig),
+        "load_average": { "start": load_start, "end": load_average() },
         "criterion": {
             "sample_size": plan.samples,
             "warm_up_s": plan.warm_up.as_secs_f64(),
@@ -639,6 +641,14 @@ fn environment(rig: &Rig) -> Value {
         "node_ip": IpAddr::V4(rig.node.ipv4()).to_string(),
         "programs": rig.progs.iter().map(|p| json!({ "name": p.name, "attach_type": p.attach_type })).collect::<Vec<_>>(),
     })
+}
+
+/// The 1-minute load average: other work on the machine skews every figure.
+fn load_average() -> f64 {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<(), String> {

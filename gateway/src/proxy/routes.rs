@@ -43,8 +43,10 @@ pub struct ServiceRoute {
 /// What the client dialed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
-    /// A service VIP: any endpoint will do.
-    Vip,
+    /// A service VIP: any endpoint will do, those of the VIP's own family first (Kubernetes
+    /// keeps endpoints per family; the other family is only a fallback for single-stack
+    /// backends behind a dual-stack static config).
+    Vip { v6: bool },
     /// A backend endpoint dialed directly: exactly that one.
     Endpoint(SocketAddr),
 }
@@ -73,7 +75,9 @@ impl Routes {
                     *vip,
                     Route {
                         service: service.clone(),
-                        target: Target::Vip,
+                        target: Target::Vip {
+                            v6: vip.ip().to_canonical().is_ipv6(),
+                        },
                     },
                 );
             }
@@ -111,18 +115,31 @@ impl Routes {
 }
 
 impl Route {
-    /// Upstream addresses to try, in order: for a VIP every endpoint, starting at the next
-    /// round-robin position; for an endpoint, that endpoint.
+    /// Upstream addresses to try, in order: for a VIP every endpoint, those of the VIP's
+    /// family first, each group starting at the next round-robin position; for an endpoint,
+    /// that endpoint.
     pub fn candidates(&self) -> Vec<SocketAddr> {
         match self.target {
             Target::Endpoint(ep) => vec![ep],
-            Target::Vip => {
+            Target::Vip { v6 } => {
                 let eps = &self.service.endpoints;
                 if eps.is_empty() {
                     return Vec::new();
                 }
-                let start = self.service.next.fetch_add(1, Ordering::Relaxed) % eps.len();
-                eps[start..].iter().chain(&eps[..start]).copied().collect()
+                let start = self.service.next.fetch_add(1, Ordering::Relaxed);
+                let (same, other): (Vec<SocketAddr>, Vec<SocketAddr>) = eps
+                    .iter()
+                    .partition(|ep| ep.ip().to_canonical().is_ipv6() == v6);
+                let rotate = |group: &[SocketAddr]| -> Vec<SocketAddr> {
+                    if group.is_empty() {
+                        return Vec::new();
+                    }
+                    let at = start % group.len();
+                    group[at..].iter().chain(&group[..at]).copied().collect()
+                };
+                let mut out = rotate(&same);
+                out.extend(rotate(&other));
+                out
             }
         }
     }
@@ -167,6 +184,43 @@ services:
             .map(|s| s.parse::<SocketAddr>().unwrap())
         );
         assert_eq!(route.candidates().len(), 3);
+    }
+
+    #[test]
+    fn vip_prefers_endpoints_of_its_own_family() {
+        let config = Config::parse(
+            r#"
+node: n
+cgroup: /sys/fs/cgroup/t
+proxy: { listen: "10.0.0.1:15001", listen_v6: "[fd00::1]:15001" }
+gateways: [10.0.0.1]
+services:
+  - name: web
+    vips: ["10.96.0.1:80", "[fd96::1]:80"]
+    endpoints: ["10.1.0.1:8080", "[fd01::1]:8080", "10.1.0.2:8080", "[fd01::2]:8080"]
+  - name: v4only
+    vips: ["[fd96::2]:80"]
+    endpoints: ["10.1.0.9:8080"]
+"#,
+            Origin::Embedded,
+        )
+        .unwrap();
+        let r = Routes::new(&config);
+        let v4 = r.resolve("10.96.0.1:80".parse().unwrap()).unwrap();
+        let v6 = r.resolve("[fd96::1]:80".parse().unwrap()).unwrap();
+        for _ in 0..4 {
+            let c = v4.candidates();
+            assert_eq!(c.len(), 4);
+            assert!(c[..2].iter().all(SocketAddr::is_ipv4), "{c:?}");
+            let c = v6.candidates();
+            assert!(c[..2].iter().all(SocketAddr::is_ipv6), "{c:?}");
+        }
+        // No endpoint of the VIP's family: the other family is the fallback.
+        let only = r.resolve("[fd96::2]:80".parse().unwrap()).unwrap();
+        assert_eq!(
+            only.candidates(),
+            ["10.1.0.9:8080".parse::<SocketAddr>().unwrap()]
+        );
     }
 
     #[test]

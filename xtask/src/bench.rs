@@ -86,6 +86,14 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// bpftool's attach types in the order a connection meets the programs.
+const ATTACH_ORDER: [&str; 4] = [
+    "cgroup_inet4_connect",
+    "cgroup_inet6_connect",
+    "cgroup_sock_ops",
+    "cgroup_inet_ingress",
+];
+
 /// criterion's estimate of one benchmark, in nanoseconds.
 struct Estimate {
     median: f64,
@@ -137,6 +145,7 @@ impl<'a> Report<'a> {
     fn render(&self) -> String {
         let mut md = String::new();
         self.header(&mut md);
+        self.summary(&mut md);
         self.criterion_tables(&mut md);
         self.percentiles(&mut md);
         self.throughput(&mut md);
@@ -179,6 +188,117 @@ impl<'a> Report<'a> {
             num(&load["end"]),
             env["cpus"],
         );
+    }
+
+    /// Average run time of the program with `attach_type` in `phase`, from the kernel stats.
+    fn bpf_avg(&self, phase: &str, attach_type: &str) -> Option<f64> {
+        self.results["bpf"]
+            .as_array()?
+            .iter()
+            .find(|p| p["phase"] == phase)?["programs"]
+            .as_array()?
+            .iter()
+            .find(|p| p["attach_type"] == attach_type)?["avg_ns"]
+            .as_f64()
+    }
+
+    fn median(&self, id: &str) -> Option<f64> {
+        estimate(self.criterion_dir, id, self.started).map(|e| e.median)
+    }
+
+    /// The figures the rest of the file backs, in a few lines.
+    fn summary(&self, md: &mut String) {
+        let mut lines = Vec::new();
+        let connect4 = "cgroup_inet4_connect";
+        if let (Some(hook), Some(with), Some(without)) = (
+            self.bpf_avg("connect/hooks_unprotected", connect4),
+            self.median("connect/hooks_unprotected"),
+            self.median("connect/no_hooks"),
+        ) {
+            lines.push(format!(
+                "Unprotected traffic from a hooked pod: connect4 runs in {hook:.0} ns (kernel \
+                 statistics); `connect()` takes {} with the hooks and {} without ({}).",
+                nanos(with),
+                nanos(without),
+                ratio(with, without)
+            ));
+        }
+        if let (Some(hook), Some(redirected), Some(local)) = (
+            self.bpf_avg("connect/redirected", connect4),
+            self.median("connect/redirected"),
+            self.median("connect/no_hooks_node_local"),
+        ) {
+            lines.push(format!(
+                "Redirect: connect4 runs in {hook:.0} ns when it rewrites the destination; a \
+                 redirected `connect()` takes {} against {} to the same node address without hooks \
+                 ({}).",
+                nanos(redirected),
+                nanos(local),
+                ratio(redirected, local)
+            ));
+        }
+        if let Some(ingress) = self.bpf_avg("request_persistent/direct", "cgroup_inet_ingress") {
+            lines.push(format!(
+                "Packet enforcement: the ingress program costs {ingress:.0} ns per packet \
+                 delivered to a pod."
+            ));
+        }
+        let latency = self.results["latency"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice);
+        let stats = |kind: &str, mode: &str| {
+            latency
+                .iter()
+                .find(|r| r["kind"] == kind && r["mode"] == mode)
+                .map(|r| &r["stats"])
+        };
+        for (kind, label) in [
+            ("persistent", "on an open connection"),
+            ("per_connection", "with a connection per request"),
+        ] {
+            if let (Some(d), Some(p)) = (stats(kind, "direct"), stats(kind, "proxy")) {
+                lines.push(format!(
+                    "Proxy, {label}: p50 {} vs {} direct ({}), p99 {} vs {} ({}).",
+                    micros(num(&p["p50_us"])),
+                    micros(num(&d["p50_us"])),
+                    ratio(num(&p["p50_us"]), num(&d["p50_us"])),
+                    micros(num(&p["p99_us"])),
+                    micros(num(&d["p99_us"])),
+                    ratio(num(&p["p99_us"]), num(&d["p99_us"])),
+                ));
+            }
+        }
+        let pair = |key: &str, field: &str| -> Option<(f64, f64)> {
+            let rows = self.results[key].as_array()?;
+            let get = |mode: &str| {
+                rows.iter()
+                    .find(|r| r["mode"] == mode)
+                    .map(|r| num(&r[field]))
+            };
+            Some((get("direct")?, get("proxy")?))
+        };
+        if let Some((d, p)) = pair("concurrent", "per_s") {
+            lines.push(format!(
+                "Proxy throughput, small requests on {} connections: {p:.0} req/s vs {d:.0} direct \
+                 ({}).",
+                self.results["concurrent"][0]["connections"],
+                ratio(p, d)
+            ));
+        }
+        if let Some((d, p)) = pair("upload", "mib_per_s") {
+            lines.push(format!(
+                "Proxy throughput, one upload: {p:.0} MiB/s vs {d:.0} MiB/s direct ({}).",
+                ratio(p, d)
+            ));
+        }
+        if lines.is_empty() {
+            return;
+        }
+        let _ = writeln!(md, "## Summary\n");
+        for line in lines {
+            let _ = writeln!(md, "- {line}");
+        }
+        let _ = writeln!(md);
     }
 
     fn criterion_tables(&self, md: &mut String) {
@@ -344,22 +464,33 @@ impl<'a> Report<'a> {
         if phases.is_empty() {
             return;
         }
-        let mut programs: Vec<&str> = Vec::new();
+        // Data-path order; programs that never ran (connect6: the bench is IPv4) are left out.
+        let mut programs: Vec<(usize, &str)> = Vec::new();
         for phase in phases {
             for prog in phase["programs"].as_array().into_iter().flatten() {
                 let name = str_of(&prog["program"]);
-                if !programs.contains(&name) {
-                    programs.push(name);
+                let ran = prog["runs"].as_u64().unwrap_or(0) > 0;
+                if ran && !programs.iter().any(|(_, n)| *n == name) {
+                    let rank = ATTACH_ORDER
+                        .iter()
+                        .position(|t| prog["attach_type"] == *t)
+                        .unwrap_or(ATTACH_ORDER.len());
+                    programs.push((rank, name));
                 }
             }
         }
+        programs.sort_unstable();
+        let programs: Vec<&str> = programs.into_iter().map(|(_, name)| name).collect();
         let _ = writeln!(
             md,
             "## Per-program run time (kernel BPF statistics)\n\nFrom `kernel.bpf_stats_enabled=1` \
              (restored afterwards): the kernel's own `run_time_ns / run_cnt` of each program \
              attached to the hooked cgroup, per phase of the run. A cell is the average run time \
              and, in parentheses, the number of runs; connect4/6 run once per `connect()` from the \
-             hooked cgroup, sock_ops on socket events, ingress once per packet delivered to a pod.\n"
+             hooked cgroup, sock_ops on socket events, ingress once per packet delivered to a pod. \
+             The backend pod is in the hooked cgroup too, so sock_ops and ingress also run on its \
+             side when the caller is not hooked. Phases with few runs (a connect per criterion \
+             sample) show cold-cache costs.\n"
         );
         let _ = write!(md, "| phase |");
         for name in &programs {
@@ -510,8 +641,9 @@ mod tests {
             ],
             "bpf": [
                 { "phase": "connect/redirected", "programs": [
-                    { "program": "ng_connect4", "runs": 100, "avg_ns": 400.0 },
-                    { "program": "ng_ingress", "runs": 0, "avg_ns": null }
+                    { "program": "ng_ingress", "attach_type": "cgroup_inet_ingress", "runs": 10, "avg_ns": 250.0 },
+                    { "program": "ng_connect4", "attach_type": "cgroup_inet4_connect", "runs": 100, "avg_ns": 400.0 },
+                    { "program": "ng_connect6", "attach_type": "cgroup_inet6_connect", "runs": 0, "avg_ns": null }
                 ] }
             ]
         });
@@ -523,9 +655,16 @@ mod tests {
         );
         assert!(md.contains("| 3.00× | 2.50× |"), "{md}");
         assert!(md.contains("| 8 connections, small requests back to back | 100000 req/s | 40000 req/s | 0.40× |"), "{md}");
+        assert!(md.contains("| phase | ng_connect4 | ng_ingress |"), "{md}");
         assert!(
-            md.contains("| `connect/redirected` | 400 ns (100) | – |"),
+            md.contains("| `connect/redirected` | 400 ns (100) | 250 ns (10) |"),
             "{md}"
         );
+        assert!(
+            md.contains("- Proxy, on an open connection: p50 30.00 µs vs 10.00 µs direct (3.00×)"),
+            "{md}"
+        );
+        // No criterion estimates on disk: no connect() lines in the summary.
+        assert!(!md.contains("- Redirect:"), "{md}");
     }
 }

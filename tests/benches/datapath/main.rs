@@ -135,13 +135,13 @@ struct Plan {
 impl Plan {
     const FULL: Self = Self {
         quick: false,
-        samples: 30,
-        warm_up: Duration::from_secs(1),
-        measurement: Duration::from_secs(3),
-        requests: 20_000,
-        connections: 4_000,
-        concurrent_for: Duration::from_secs(3),
-        upload_bytes: 512 << 20,
+        samples: 50,
+        warm_up: Duration::from_secs(2),
+        measurement: Duration::from_secs(5),
+        requests: 50_000,
+        connections: 10_000,
+        concurrent_for: Duration::from_secs(5),
+        upload_bytes: 1 << 30,
     };
     const QUICK: Self = Self {
         quick: true,

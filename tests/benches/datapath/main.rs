@@ -52,8 +52,6 @@ const BACKEND: &str = "backend";
 const PROTECTED_PORT: u16 = 8080;
 /// The same backend process on a port no service covers: the direct path.
 const OPEN_PORT: u16 = 9090;
-/// A listener on the node IP, outside the hooked cgroup: where a redirect lands, minus the hook.
-const NODE_LOCAL_PORT: u16 = 9091;
 
 fn main() -> ExitCode {
     if let Some(addrs) = env::var_os(server::ROLE_ENV) {
@@ -175,7 +173,8 @@ struct Rig {
     unhooked: PathBuf,
     vip: SocketAddrV4,
     open: SocketAddrV4,
-    node_local: SocketAddrV4,
+    /// The proxy's own listener, dialed directly: where a redirect lands, minus the hook.
+    proxy: SocketAddrV4,
     phases: RefCell<Vec<Value>>,
 }
 
@@ -203,11 +202,10 @@ impl Rig {
             Ok::<_, nodegate_tests::harness::Error>(proc)
         };
         let open = SocketAddrV4::new(backend.ipv4, OPEN_PORT);
-        let node_local = SocketAddrV4::new(node.ipv4(), NODE_LOCAL_PORT);
-        let servers = vec![
-            server(backend, &[backend.v4(PROTECTED_PORT), SocketAddr::V4(open)])?,
-            server(node.node(), &[SocketAddr::V4(node_local)])?,
-        ];
+        let servers = vec![server(
+            backend,
+            &[backend.v4(PROTECTED_PORT), SocketAddr::V4(open)],
+        )?];
         let vip = match node.vip_v4(10, 80) {
             SocketAddr::V4(vip) => vip,
             SocketAddr::V6(_) => return Err("vip_v4 gave an IPv6 address".into()),
@@ -217,6 +215,10 @@ impl Rig {
             .endpoint(backend.v4(PROTECTED_PORT))
             .allow(&node.cidr_v4());
         let gateway = node.start_gateway(node.gateway_config().service(service))?;
+        let proxy = match gateway.config().proxy_v4 {
+            SocketAddr::V4(proxy) => proxy,
+            SocketAddr::V6(_) => return Err("the proxy's v4 listener is IPv6".into()),
+        };
         let progs = bpf_stats::attached(&node.pods_cgroup())?;
         if progs.is_empty() {
             return Err(format!("no program attached to {}", node.pods_cgroup().display()).into());
@@ -236,7 +238,7 @@ impl Rig {
             progs,
             vip,
             open,
-            node_local,
+            proxy,
             phases: RefCell::new(Vec::new()),
         };
         CgroupHome::enter(&rig.hooked)?;
@@ -292,6 +294,7 @@ fn bench_connect(c: &mut Criterion, rig: &Rig, benchmarks: &mut Vec<Value>) {
             None,
             &rig.unhooked,
             rig.open,
+            Then::RoundTrip,
             "caller outside the hooked cgroup → backend pod (unprotected port)",
         ),
         (
@@ -299,28 +302,32 @@ fn bench_connect(c: &mut Criterion, rig: &Rig, benchmarks: &mut Vec<Value>) {
             Some("connect/no_hooks"),
             &rig.hooked,
             rig.open,
+            Then::RoundTrip,
             "caller in the hooked cgroup, destination not protected → backend pod",
         ),
         (
-            "no_hooks_node_local",
+            "no_hooks_proxy",
             None,
             &rig.unhooked,
-            rig.node_local,
-            "caller outside the hooked cgroup → a listener on the node IP (where a redirect lands)",
+            rig.proxy,
+            Then::UntilClosed,
+            "caller outside the hooked cgroup → the proxy's listener itself (it then refuses: no \
+             original destination)",
         ),
         (
             "redirected",
-            Some("connect/no_hooks_node_local"),
+            Some("connect/no_hooks_proxy"),
             &rig.hooked,
             rig.vip,
-            "caller in the hooked cgroup → VIP, rewritten to the proxy on the node IP",
+            Then::RoundTrip,
+            "caller in the hooked cgroup → VIP, rewritten to the proxy's listener",
         ),
     ];
-    for (id, baseline, cgroup, target, what) in cases {
+    for (id, baseline, cgroup, target, then, what) in cases {
         enter(cgroup);
         let before = rig.snapshot();
         group.bench_function(id, |b| {
-            b.iter_custom(|iters| rig.worker.run(move || connect_loop(target, iters)));
+            b.iter_custom(|iters| rig.worker.run(move || connect_loop(target, then, iters)));
         });
         let name = format!("connect/{id}");
         rig.record(&name, &before);
@@ -331,16 +338,31 @@ fn bench_connect(c: &mut Criterion, rig: &Rig, benchmarks: &mut Vec<Value>) {
     enter(&rig.hooked);
 }
 
-/// `iters` timed `connect(2)` calls. After each one an untimed round trip makes sure the server
-/// (or the proxy) has taken the connection before the next one, so its accept queue never
-/// fills; then the client resets the connection (no `TIME_WAIT`).
-fn connect_loop(target: SocketAddrV4, iters: u64) -> Duration {
+/// What a connect benchmark does, untimed, after each connection is established.
+#[derive(Clone, Copy)]
+enum Then {
+    /// One request and its response: the server (or the proxy) has taken the connection.
+    RoundTrip,
+    /// Wait for the peer to close it (the proxy refuses a connection it was not redirected).
+    UntilClosed,
+}
+
+/// `iters` timed `connect(2)` calls. After each one, an untimed step makes sure the server (or
+/// the proxy) has taken the connection before the next one, so its accept queue never fills;
+/// then the client resets the connection (no `TIME_WAIT`).
+fn connect_loop(target: SocketAddrV4, then: Then, iters: u64) -> Duration {
     let mut total = Duration::ZERO;
     for _ in 0..iters {
         let (mut stream, took) =
             wire::timed_connect(target).unwrap_or_else(|e| panic!("connect to {target}: {e}"));
         total += took;
-        wire::round_trip(&mut stream).unwrap_or_else(|e| panic!("request to {target}: {e}"));
+        match then {
+            Then::RoundTrip => {
+                wire::round_trip(&mut stream)
+                    .unwrap_or_else(|e| panic!("request to {target}: {e}"));
+            }
+            Then::UntilClosed => wire::wait_closed(&mut stream),
+        }
         wire::abort(stream);
     }
     total

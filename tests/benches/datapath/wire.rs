@@ -77,6 +77,13 @@ pub fn abort(stream: TcpStream) {
     drop(stream);
 }
 
+/// Reads until the peer closes or resets the connection (or 5 s pass).
+pub fn wait_closed(stream: &mut TcpStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut buf = [0u8; 512];
+    while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+}
+
 /// One small request and its response.
 pub fn round_trip(stream: &mut TcpStream) -> io::Result<()> {
     let mut request = [0u8; REQUEST_SIZE];

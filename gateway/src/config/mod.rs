@@ -8,17 +8,23 @@ mod raw;
 mod tests;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use ipnet::IpNet;
 use serde::Serialize;
+use sha2::{Digest as _, Sha256};
 
-use crate::ebpf::{self, DesiredService, DesiredState, Mode};
+use crate::{
+    auth::AuthConfig,
+    ebpf::{self, DesiredService, DesiredState, Mode},
+    policy::{CompiledPolicy, Policy, wire::PolicySpec},
+};
 
 /// The configuration `gateway run` uses without `--config`: protects nothing, listens on
 /// loopback (a VM or a laptop where every client is in the host network namespace).
@@ -34,6 +40,11 @@ pub const DEFAULT_BYPASS_LINES_PER_SOURCE: u32 = 5;
 pub const DEFAULT_BYPASS_INTERVAL: Duration = Duration::from_secs(1);
 /// `gateway_common::SERVICE_NAME_LEN` less the terminating NUL.
 pub const MAX_SERVICE_NAME_LEN: usize = gateway_common::SERVICE_NAME_LEN - 1;
+/// `iss` of the identity assertions the gateway signs, when `assertion.issuer` is not set.
+pub const DEFAULT_ASSERTION_ISSUER: &str = "nodegate";
+pub const DEFAULT_ASSERTION_TTL: Duration = Duration::from_secs(60);
+/// An assertion is replayable by whoever sees it until it expires: keep it short.
+pub const MAX_ASSERTION_TTL: Duration = Duration::from_secs(3600);
 
 /// Where a configuration came from (for messages and for reloads).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -101,7 +112,7 @@ fn display_problems(problems: &[FieldError]) -> String {
 }
 
 /// The parsed, checked configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub origin: Origin,
     pub node: String,
@@ -112,6 +123,11 @@ pub struct Config {
     pub gateways: Vec<IpAddr>,
     pub log: LogConfig,
     pub services: Vec<Service>,
+    /// Bearer-token issuers; validated here, turned into an `auth::Authenticator` by `run`.
+    pub auth: AuthConfig,
+    /// Static workload identities (config source), matched by cgroup id, then source address.
+    pub workloads: Vec<StaticWorkload>,
+    pub assertion: AssertionConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -166,7 +182,7 @@ pub struct LogConfig {
 }
 
 /// A protected service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Service {
     pub id: u32,
     pub name: String,
@@ -174,6 +190,138 @@ pub struct Service {
     pub vips: Vec<SocketAddr>,
     pub endpoints: Vec<SocketAddr>,
     pub rule: L4Rule,
+    /// Set for an HTTP service (one with a `policy`): every request is authorized.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpService>,
+}
+
+/// The identity-aware part of a service: requests are parsed, authenticated and evaluated
+/// against `policy` one by one.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpService {
+    /// Host names served (lower case, `*.suffix` allowed); empty: any. Another Host gets 421.
+    pub hosts: Vec<String>,
+    /// Send plain `X-Nodegate-User` / `-Email` / `-Groups` upstream besides the assertion.
+    pub identity_headers: bool,
+    /// Unauthenticated browsers are sent to the login flow instead of getting a 401.
+    pub login: bool,
+    #[serde(serialize_with = "as_inner")]
+    pub policy: Arc<ServicePolicy>,
+}
+
+fn as_inner<S: serde::Serializer, T: Serialize>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
+    T::serialize(v, s)
+}
+
+impl HttpService {
+    /// Whether `host` (as received: any case, maybe with a port) is served.
+    pub fn serves_host(&self, host: Option<&str>) -> bool {
+        if self.hosts.is_empty() {
+            return true;
+        }
+        let Some(host) = host else {
+            return false;
+        };
+        let name = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
+        self.hosts.iter().any(|h| match h.strip_prefix("*.") {
+            Some(suffix) => name
+                .strip_suffix(suffix)
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+            None => *h == name,
+        })
+    }
+}
+
+/// `host[:port]` or `[v6]:port` → the host part.
+pub fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split_once(']').map_or(host, |(h, _)| h);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// A compiled service policy and the version it is logged under.
+#[derive(Debug, Serialize)]
+pub struct ServicePolicy {
+    /// First 12 hex digits of the SHA-256 of the policy's canonical YAML: equal text, equal
+    /// version, across reloads and nodes.
+    pub version: String,
+    pub deny_rules: usize,
+    pub allow_rules: usize,
+    #[serde(skip)]
+    pub compiled: CompiledPolicy,
+}
+
+impl ServicePolicy {
+    /// Parses and compiles a policy given as YAML; errors are reported under `root`.
+    pub fn from_value(value: &serde_yaml::Value, root: &str) -> Result<Self, String> {
+        let canonical = serde_yaml::to_string(value).map_err(|e| e.to_string())?;
+        let spec: PolicySpec = serde_yaml::from_str(&canonical).map_err(|e| {
+            // serde_yaml names the path inside the policy; the line refers to the re-serialized
+            // snippet, so it is dropped.
+            let text = e.to_string();
+            let text = text.split(" at line ").next().unwrap_or(&text).to_owned();
+            if e.location().is_some() && text.contains(": ") {
+                format!("{root}.{text}")
+            } else {
+                format!("{root}: {text}")
+            }
+        })?;
+        let policy = Policy::from_spec(spec, root).map_err(|e| e.to_string())?;
+        let (deny_rules, allow_rules) = (policy.deny().len(), policy.allow().len());
+        let digest = Sha256::digest(canonical.as_bytes());
+        let version = digest[..6].iter().fold(String::new(), |mut out, b| {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{b:02x}");
+            out
+        });
+        Ok(Self {
+            version,
+            deny_rules,
+            allow_rules,
+            compiled: CompiledPolicy::compile(&policy),
+        })
+    }
+}
+
+/// A workload known to the config source: requests from its cgroup (preferred, exact) or from
+/// one of its addresses carry its identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StaticWorkload {
+    pub namespace: String,
+    pub service_account: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub addresses: Vec<IpNet>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    /// The cgroup v2 id of `cgroup` (its directory's inode number), resolved at load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
+}
+
+/// The identity assertion (`X-Nodegate-Assertion`) signed for the backends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AssertionConfig {
+    pub issuer: String,
+    #[serde(rename = "ttl_s", serialize_with = "as_secs")]
+    pub ttl: Duration,
+    /// `aud` = prefix + service name.
+    pub audience_prefix: String,
+}
+
+impl Default for AssertionConfig {
+    fn default() -> Self {
+        Self {
+            issuer: DEFAULT_ASSERTION_ISSUER.to_owned(),
+            ttl: DEFAULT_ASSERTION_TTL,
+            audience_prefix: String::new(),
+        }
+    }
 }
 
 /// The L4 access rule of a service: the connection's source must be in one of the CIDRs.
@@ -193,6 +341,10 @@ impl L4Rule {
 
 fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u128(d.as_millis())
+}
+
+fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
 }
 
 /// Stable 32-bit id of a service: FNV-1a of its name, never 0 (0 is "no service" in the maps).
@@ -291,6 +443,8 @@ impl Config {
         );
         check("admin.listen", self.admin.listen != new.admin.listen);
         check("log", self.log != new.log);
+        // The assertion key is generated at start and its issuer is what backends pin.
+        check("assertion", self.assertion != new.assertion);
         out
     }
 
@@ -316,14 +470,18 @@ impl Config {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(" + ");
+        let http = self.services.iter().filter(|s| s.http.is_some()).count();
         format!(
-            "node {}: {} service(s) ({} enforce, {audit} audit), {} protected destination(s), \
-             {} gateway source(s), proxy {listeners}, admin {}, cgroup {}, bpffs {}",
+            "node {}: {} service(s) ({} enforce, {audit} audit, {http} http), {} protected \
+             destination(s), {} gateway source(s), {} token issuer(s), {} workload(s), proxy \
+             {listeners}, admin {}, cgroup {}, bpffs {}",
             self.node,
             self.services.len(),
             self.services.len() - audit,
             self.destination_count(),
             self.gateways.len(),
+            self.auth.issuers.len(),
+            self.workloads.len(),
             self.admin.listen,
             self.cgroup.display(),
             self.bpffs.display(),
@@ -386,6 +544,12 @@ impl Config {
         let gateways = parse_gateways(&raw.gateways, p);
         let log = parse_log(raw.log, p);
         let services = parse_services(raw.services, p);
+        let auth = raw.auth.unwrap_or_default();
+        if let Err(err) = crate::auth::config::validate(&auth) {
+            p.push("auth", err.to_string());
+        }
+        let workloads = parse_workloads(raw.workloads, p);
+        let assertion = parse_assertion(raw.assertion, p);
 
         let (node, cgroup, bpffs, proxy, admin, log) =
             (node?, cgroup?, bpffs?, proxy?, admin?, log?);
@@ -400,6 +564,9 @@ impl Config {
             gateways,
             log,
             services,
+            auth,
+            workloads,
+            assertion,
         })
     }
 }
@@ -730,6 +897,7 @@ fn parse_services(raw: Vec<raw::RawService>, p: &mut Problems) -> Vec<Service> {
                 Err(m) => p.push(format!("{base}.allow_sources[{j}]"), m),
             }
         }
+        let http = parse_http(&base, s.http, s.policy.as_ref(), p);
         out.push(Service {
             id,
             name: s.name,
@@ -737,7 +905,216 @@ fn parse_services(raw: Vec<raw::RawService>, p: &mut Problems) -> Vec<Service> {
             vips,
             endpoints,
             rule: L4Rule { allow_sources },
+            http,
         });
+    }
+    out
+}
+
+fn parse_http(
+    base: &str,
+    raw: Option<raw::RawHttp>,
+    policy: Option<&serde_yaml::Value>,
+    p: &mut Problems,
+) -> Option<HttpService> {
+    let Some(policy) = policy else {
+        if raw.is_some() {
+            p.push(
+                format!("{base}.http"),
+                "set without a `policy`: a service is an HTTP service when it has a policy \
+                 (without one, every request would be denied)",
+            );
+        }
+        return None;
+    };
+    let policy = match ServicePolicy::from_value(policy, &format!("{base}.policy")) {
+        Ok(policy) => Arc::new(policy),
+        Err(message) => {
+            // The message starts with the path of the offending field.
+            match message.split_once(": ") {
+                Some((path, rest)) if path.starts_with(base) => p.push(path, rest),
+                _ => p.push(format!("{base}.policy"), message),
+            }
+            return None;
+        }
+    };
+    let raw = raw.unwrap_or(raw::RawHttp {
+        hosts: Vec::new(),
+        identity_headers: false,
+        login: false,
+    });
+    let mut hosts = Vec::with_capacity(raw.hosts.len());
+    for (i, h) in raw.hosts.iter().enumerate() {
+        match parse_host_name(h) {
+            Ok(h) => hosts.push(h),
+            Err(m) => p.push(format!("{base}.http.hosts[{i}]"), m),
+        }
+    }
+    Some(HttpService {
+        hosts,
+        identity_headers: raw.identity_headers,
+        login: raw.login,
+        policy,
+    })
+}
+
+fn parse_host_name(value: &str) -> Result<String, String> {
+    let lower = value.trim().trim_end_matches('.').to_ascii_lowercase();
+    let name = lower.strip_prefix("*.").unwrap_or(&lower);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "{value:?} is not a host name (e.g. grafana.example.com or *.example.com; no port)"
+        ));
+    }
+    Ok(lower)
+}
+
+fn parse_workloads(raw: Vec<raw::RawWorkload>, p: &mut Problems) -> Vec<StaticWorkload> {
+    let mut out: Vec<StaticWorkload> = Vec::with_capacity(raw.len());
+    let mut by_cgroup: HashMap<u64, usize> = HashMap::new();
+    for (i, w) in raw.into_iter().enumerate() {
+        let base = format!("workloads[{i}]");
+        for (field, value) in [
+            ("namespace", &w.namespace),
+            ("service_account", &w.service_account),
+        ] {
+            if value.is_empty() || value.len() > 253 || !value.chars().all(|c| c.is_ascii_graphic())
+            {
+                p.push(
+                    format!("{base}.{field}"),
+                    format!("{value:?} is not a Kubernetes name"),
+                );
+            }
+        }
+        let mut addresses = Vec::with_capacity(w.addresses.len());
+        for (j, a) in w.addresses.iter().enumerate() {
+            match parse_cidr(a) {
+                Ok(net) => {
+                    if let Some((k, _)) = out
+                        .iter()
+                        .enumerate()
+                        .find(|(_, o)| o.addresses.iter().any(|n| nets_overlap(n, &net)))
+                    {
+                        p.push(
+                            format!("{base}.addresses[{j}]"),
+                            format!(
+                                "{net} overlaps an address of workloads[{k}]: a source address \
+                                 must name one workload"
+                            ),
+                        );
+                    }
+                    addresses.push(net);
+                }
+                Err(m) => p.push(format!("{base}.addresses[{j}]"), m),
+            }
+        }
+        let cgroup_id = match &w.cgroup {
+            None => None,
+            Some(path) => match cgroup_id_of(path) {
+                Ok(id) => {
+                    if let Some(first) = by_cgroup.insert(id, i) {
+                        p.push(
+                            format!("{base}.cgroup"),
+                            format!(
+                                "{} is also the cgroup of workloads[{first}]",
+                                path.display()
+                            ),
+                        );
+                    }
+                    Some(id)
+                }
+                Err(m) => {
+                    p.push(format!("{base}.cgroup"), m);
+                    None
+                }
+            },
+        };
+        if w.cgroup.is_none() && addresses.is_empty() {
+            p.push(
+                base.clone(),
+                "give `cgroup` and/or `addresses`: how else would a request be matched to it?",
+            );
+        }
+        out.push(StaticWorkload {
+            namespace: w.namespace,
+            service_account: w.service_account,
+            pod: w.pod,
+            labels: w.labels,
+            addresses,
+            cgroup: w.cgroup,
+            cgroup_id,
+        });
+    }
+    out
+}
+
+fn nets_overlap(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// The cgroup v2 id the kernel reports (`bpf_get_current_cgroup_id`) is the kernfs node id,
+/// which is the inode number of the cgroup's directory.
+fn cgroup_id_of(path: &Path) -> Result<u64, String> {
+    use std::os::unix::fs::MetadataExt as _;
+    if !path.is_absolute() {
+        return Err(format!(
+            "{:?} must be an absolute path to a cgroup v2 directory",
+            path.display()
+        ));
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(m.ino()),
+        Ok(_) => Err(format!("{} is not a directory", path.display())),
+        Err(err) => Err(format!(
+            "cannot resolve {} to a cgroup id: {err} (the cgroup must exist when the config \
+             is loaded; reload after the pod started)",
+            path.display()
+        )),
+    }
+}
+
+fn parse_assertion(raw: Option<raw::RawAssertion>, p: &mut Problems) -> AssertionConfig {
+    let mut out = AssertionConfig::default();
+    let Some(raw) = raw else {
+        return out;
+    };
+    if let Some(issuer) = raw.issuer {
+        if issuer.is_empty() || !issuer.chars().all(|c| c.is_ascii_graphic()) {
+            p.push(
+                "assertion.issuer",
+                format!("{issuer:?} is not an issuer name"),
+            );
+        }
+        out.issuer = issuer;
+    }
+    if let Some(ttl) = raw.ttl_s {
+        if ttl == 0 || ttl > MAX_ASSERTION_TTL.as_secs() {
+            p.push(
+                "assertion.ttl_s",
+                format!(
+                    "{ttl} must be between 1 and {} seconds",
+                    MAX_ASSERTION_TTL.as_secs()
+                ),
+            );
+        } else {
+            out.ttl = Duration::from_secs(ttl);
+        }
+    }
+    if let Some(prefix) = raw.audience_prefix {
+        if !prefix.chars().all(|c| c.is_ascii_graphic()) {
+            p.push(
+                "assertion.audience_prefix",
+                format!("{prefix:?} must be printable ASCII without spaces"),
+            );
+        }
+        out.audience_prefix = prefix;
     }
     out
 }

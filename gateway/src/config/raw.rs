@@ -1,11 +1,11 @@
 //! The YAML wire format, exactly as written by an operator. Addresses stay strings here so
 //! that the domain conversion in the parent module can name the offending value and field.
 
-use std::path::PathBuf;
+use std::{collections::BTreeMap, path::PathBuf};
 
 use serde::Deserialize;
 
-use crate::ebpf::Mode;
+use crate::{auth::AuthConfig, ebpf::Mode};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +21,44 @@ pub(super) struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub services: Vec<RawService>,
+    /// Bearer-token issuers (the auth module's own wire type, validated there).
+    pub auth: Option<AuthConfig>,
+    /// Static workload identities of the config source (Kubernetes fills them later).
+    #[serde(default)]
+    pub workloads: Vec<RawWorkload>,
+    pub assertion: Option<RawAssertion>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWorkload {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAssertion {
+    pub issuer: Option<String>,
+    pub ttl_s: Option<u64>,
+    pub audience_prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHttp {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub identity_headers: bool,
+    #[serde(default)]
+    pub login: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,4 +98,8 @@ pub(super) struct RawService {
     pub endpoints: Vec<String>,
     #[serde(default)]
     pub allow_sources: Vec<String>,
+    pub http: Option<RawHttp>,
+    /// Kept as YAML: its canonical text is hashed into the policy version, then parsed by
+    /// the policy module's own wire types.
+    pub policy: Option<serde_yaml::Value>,
 }

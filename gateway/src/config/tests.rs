@@ -65,7 +65,7 @@ fn good_config_parses_into_domain_types() {
     assert_eq!(d.services[0].endpoints, s.endpoints);
     assert!(
         c.summary()
-            .contains("1 service(s) (1 enforce, 0 audit), 3 protected destination(s)")
+            .contains("1 service(s) (1 enforce, 0 audit, 0 http), 3 protected destination(s)")
     );
 }
 
@@ -145,7 +145,7 @@ services:
 #[test]
 fn embedded_default_and_example_parse() {
     let c = Config::embedded().unwrap();
-    assert_eq!(c.services, []);
+    assert!(c.services.is_empty());
     let example =
         Config::parse(include_str!("../../config/example.yaml"), Origin::Embedded).unwrap();
     assert_eq!(example.services.len(), 2);
@@ -382,4 +382,160 @@ fn restart_required_fields() {
     b.proxy.listen = "10.77.0.9:15001".parse().unwrap();
     b.log.bypass_lines_per_source = 1;
     assert_eq!(a.restart_required(&b), ["proxy.listen", "log"]);
+}
+
+const HTTP: &str = r#"
+node: node-a
+cgroup: /sys/fs/cgroup
+proxy: { listen: 10.77.0.1:15001 }
+gateways: [10.77.0.1]
+auth:
+  issuers:
+    - name: corp
+      issuer: https://login.example.com
+      jwks_file: /etc/nodegate/corp-jwks.json
+      audiences: [nodegate]
+      algorithms: [RS256, ES256]
+workloads:
+  - namespace: ci
+    service_account: builder
+    pod: builder-0
+    labels: { app: build }
+    addresses: [10.77.1.5, "10.77.3.0/24"]
+    cgroup: /sys/fs/cgroup
+assertion: { issuer: nodegate-node-a, ttl_s: 30, audience_prefix: "urn:nodegate:" }
+services:
+  - name: grafana
+    vips: ["10.96.0.10:80"]
+    endpoints: ["10.77.2.2:3000"]
+    http: { hosts: [grafana.example.com, "*.grafana.example.com"], identity_headers: true }
+    policy:
+      deny:
+        - id: no-admin
+          when: { path: { prefix: /admin } }
+      allow:
+        - id: devs
+          when: { groups: devs }
+  - name: plain
+    vips: ["10.96.0.11:80"]
+"#;
+
+#[test]
+fn http_services_workloads_auth_and_assertion_parse() {
+    let c = parse(HTTP).unwrap_or_else(|e| panic!("{e}"));
+    let http = c.services[0].http.as_ref().unwrap();
+    assert!(http.identity_headers && !http.login);
+    assert_eq!(http.policy.version.len(), 12);
+    assert_eq!((http.policy.deny_rules, http.policy.allow_rules), (1, 1));
+    assert!(c.services[1].http.is_none());
+    assert_eq!(c.auth.issuers.len(), 1);
+    let w = &c.workloads[0];
+    assert_eq!(w.pod.as_deref(), Some("builder-0"));
+    assert_eq!(w.addresses.len(), 2);
+    assert!(w.cgroup_id.is_some_and(|id| id > 0));
+    assert_eq!(c.assertion.issuer, "nodegate-node-a");
+    assert_eq!(c.assertion.ttl, Duration::from_secs(30));
+    assert_eq!(c.assertion.audience_prefix, "urn:nodegate:");
+    assert!(c.summary().contains("1 http"), "{}", c.summary());
+    // The version is a hash of the policy text: equal text, equal version.
+    let again = parse(HTTP).unwrap();
+    assert_eq!(
+        again.services[0].http.as_ref().unwrap().policy.version,
+        http.policy.version
+    );
+    let changed = parse(&HTTP.replace("groups: devs", "groups: ops")).unwrap();
+    assert_ne!(
+        changed.services[0].http.as_ref().unwrap().policy.version,
+        http.policy.version
+    );
+}
+
+#[test]
+fn host_matching_is_case_insensitive_and_ignores_the_port() {
+    let c = parse(HTTP).unwrap();
+    let http = c.services[0].http.as_ref().unwrap();
+    for (host, want) in [
+        (Some("grafana.example.com"), true),
+        (Some("GRAFANA.Example.COM:8080"), true),
+        (Some("a.grafana.example.com"), true),
+        (Some("grafana.example.com."), true),
+        (Some("evil.com"), false),
+        (Some("xgrafana.example.com"), false),
+        (None, false),
+    ] {
+        assert_eq!(http.serves_host(host), want, "{host:?}");
+    }
+    assert_eq!(strip_port("[fd00::1]:80"), "fd00::1");
+    assert_eq!(strip_port("fd00::1"), "fd00::1");
+    assert_eq!(strip_port("a.b:80"), "a.b");
+}
+
+#[test]
+fn http_and_policy_errors_name_the_field() {
+    let cases = [
+        (
+            HTTP.replace("groups: devs", "grups: devs"),
+            "services[0].policy.allow[0].when",
+        ),
+        (
+            HTTP.replace("id: devs", "id: no-admin"),
+            "services[0].policy.allow[0].id",
+        ),
+        (
+            HTTP.replace("*.grafana.example.com", "grafana.example.com:80"),
+            "services[0].http.hosts[1]",
+        ),
+        (
+            HTTP.replace(
+                "    vips: [\"10.96.0.11:80\"]",
+                "    vips: [\"10.96.0.11:80\"]\n    http: {}",
+            ),
+            "services[1].http",
+        ),
+        (
+            HTTP.replace("audiences: [nodegate]", "audiences: []"),
+            "auth",
+        ),
+        (HTTP.replace("ttl_s: 30", "ttl_s: 0"), "assertion.ttl_s"),
+        (
+            HTTP.replace(
+                "cgroup: /sys/fs/cgroup\nassertion",
+                "cgroup: /sys/fs/cgroup/nodegate-nope\nassertion",
+            ),
+            "workloads[0].cgroup",
+        ),
+        (
+            HTTP.replace(
+                "assertion:",
+                "  - { namespace: a, service_account: b, addresses: [10.77.3.9] }\nassertion:",
+            ),
+            "workloads[1].addresses[0]",
+        ),
+    ];
+    for (text, want) in cases {
+        match parse(&text) {
+            Err(ConfigError::Invalid { problems, .. }) => assert!(
+                problems.iter().any(|p| p.path == want),
+                "want {want}, got {problems:?}"
+            ),
+            Err(ConfigError::Syntax { source, .. }) => {
+                panic!("want {want}, got a syntax error: {source}")
+            }
+            other => panic!("want {want}, got {other:?}"),
+        }
+    }
+    // Unknown fields in the new sections are refused like everywhere else.
+    for (from, to) in [
+        ("identity_headers: true", "identity_header: true"),
+        ("ttl_s: 30", "ttl: 30"),
+        ("pod: builder-0", "podname: builder-0"),
+    ] {
+        assert!(
+            matches!(
+                parse(&HTTP.replace(from, to)),
+                Err(ConfigError::Syntax { .. })
+            ),
+            "{to}"
+        );
+    }
 }

@@ -1,0 +1,30 @@
+//! `cargo fuzz run path`: any byte string is either rejected or yields a path that holds every
+//! canonical invariant and re-encodes to itself.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use gateway::policy::CanonicalPath;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(path) = CanonicalPath::parse(data) else {
+        return;
+    };
+    let s = path.as_str();
+    assert!(s.starts_with('/'), "{s:?}");
+    assert!(
+        !s.contains('\\') && !s.contains(';') && !s.contains('%'),
+        "{s:?}"
+    );
+    assert!(!s.contains("//"), "{s:?}");
+    assert!(!s.chars().any(char::is_control), "{s:?}");
+    assert!(
+        path.segments().all(|seg| seg != "." && seg != ".."),
+        "{s:?}"
+    );
+    let origin = path.to_origin_form();
+    match CanonicalPath::parse(origin.as_bytes()) {
+        Ok(again) => assert_eq!(again, path, "not idempotent via {origin:?}"),
+        Err(e) => panic!("re-encoded form {origin:?} rejected: {e}"),
+    }
+});

@@ -25,7 +25,18 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "jq",
     "ca-certificates",
+    // Headless browser of the OIDC login tests (driven by playwright-core from tests/oidc).
+    "chromium",
 ];
+
+/// Installed from apt only when `node`/`npm` are not on PATH at all: these machines come with
+/// Node 20 and npm 11 from elsewhere (Debian's own nodejs is older than oidc-provider allows).
+const NODE_PACKAGES: &[&str] = &["nodejs", "npm"];
+
+/// The npm project of the tests' OIDC provider and browser driver.
+const OIDC_DIR: &str = "tests/oidc";
+/// Copy of the `package-lock.json` that the last successful `npm ci` installed.
+const OIDC_STAMP: &str = "node_modules/.nodegate-package-lock.json";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -35,6 +46,7 @@ pub fn run() -> Result<()> {
     cmd::section("setup: prerequisites");
     let cgroup2 = check_root_and_cgroup()?;
     apt_packages()?;
+    oidc_node_modules();
     toolchain(STABLE, &["rustfmt", "clippy"])?;
     toolchain(EBPF_TOOLCHAIN, &["rust-src"])?;
     bpf_linker()?;
@@ -100,7 +112,12 @@ fn unescape_mount_path(raw: &str) -> String {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing = missing_packages();
+    let mut missing = missing_packages();
+    if cmd::output(Command::new("node").arg("--version")).is_none()
+        || cmd::output(Command::new("npm").arg("--version")).is_none()
+    {
+        missing.extend(NODE_PACKAGES.iter().map(|pkg| (*pkg).to_owned()));
+    }
     if missing.is_empty() {
         println!("  ok  apt packages: {}", APT_PACKAGES.join(" "));
         return Ok(());
@@ -134,6 +151,12 @@ fn apt_packages() -> Result<()> {
     }
     cmd::run(apt("apt-get").args(["install", "-y", "-q"]).args(&missing))?;
     let still_missing = missing_packages();
+    if cmd::output(Command::new("node").arg("--version")).is_none() {
+        bail!(
+            "`node` is still not on PATH after installing {}",
+            NODE_PACKAGES.join(" ")
+        );
+    }
     if !still_missing.is_empty() {
         bail!(
             "still not installed after apt-get install: {}",
@@ -196,6 +219,41 @@ fn parse_candidates(policy: &str) -> BTreeMap<String, String> {
         }
     }
     candidates
+}
+
+/// `npm ci` in tests/oidc when `node_modules` is missing or was installed from another
+/// `package-lock.json`. Needs the npm registry: when that fails (offline), setup goes on and
+/// says what to run later; only the OIDC tests need these modules.
+fn oidc_node_modules() {
+    let dir = cmd::project_root().join(OIDC_DIR);
+    let lock = dir.join("package-lock.json");
+    let Ok(wanted) = fs::read(&lock) else {
+        println!("  skip  {OIDC_DIR}: no package-lock.json");
+        return;
+    };
+    if fs::read(dir.join(OIDC_STAMP)).is_ok_and(|installed| installed == wanted) {
+        println!("  ok  {OIDC_DIR}/node_modules (package-lock.json unchanged)");
+        return;
+    }
+    println!("  install  {OIDC_DIR}: npm ci");
+    let installed = cmd::run(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .stdin(std::process::Stdio::null()),
+    );
+    match installed {
+        Ok(()) => {
+            if let Err(e) = fs::write(dir.join(OIDC_STAMP), &wanted) {
+                println!("  warn  could not record the installed package-lock.json: {e}");
+            }
+        }
+        Err(e) => println!(
+            "  warn  {e}: the OIDC tests (tests/tests/identity*.rs) need {OIDC_DIR}/node_modules; \
+             is the npm registry reachable? Run `npm ci` in {OIDC_DIR} (or this setup) again when \
+             online. Everything else is set up."
+        ),
+    }
 }
 
 /// Installs `toolchain` with `components` unless rustup already has both.

@@ -109,6 +109,48 @@ fn http_get_is_answered() {
 }
 
 #[test]
+fn http_headers_are_echoed_as_received() {
+    let server = Server::start("echo");
+    let mut curl = Command::new("curl");
+    curl.args(["-sS", "--max-time", "3", "-X", "POST", "-d", "x=1"])
+        .args([
+            "-H",
+            "X-Nodegate-User: mallory",
+            "-H",
+            "x_nodegate_groups: admins",
+        ])
+        .arg(format!("http://{}/headers?q=1", server.addr));
+    let out = run_command(curl, Duration::from_secs(5)).expect("run curl");
+    assert!(out.success(), "{out:?}");
+    let v: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert_eq!(v["name"], "echo", "{v}");
+    assert_eq!(v["method"], "POST", "{v}");
+    assert_eq!(v["target"], "/headers?q=1", "{v}");
+    let headers: Vec<(String, String)> =
+        serde_json::from_value(v["headers"].clone()).expect("[[name, value], ...]");
+    for expected in [
+        ("X-Nodegate-User", "mallory"),
+        ("x_nodegate_groups", "admins"),
+    ] {
+        assert!(
+            headers
+                .iter()
+                .any(|(k, val)| (k.as_str(), val.as_str()) == expected),
+            "{expected:?} not in {headers:?}"
+        );
+    }
+
+    let mut curl = Command::new("curl");
+    curl.args(["-sS", "--max-time", "3", "-I"])
+        .arg(format!("http://{}/", server.addr));
+    let out = run_command(curl, Duration::from_secs(5)).expect("run curl");
+    assert!(
+        out.success() && out.stdout.starts_with("HTTP/1.0 200"),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn refused_is_reported_with_errno() {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -7,8 +7,10 @@
 //!
 //! `serve` prints `listening ADDR` once per bound address, then one JSON line per connection
 //! (`{"event":"conn","peer":..,"local":..,"read":..}`). For each connection it reads until a
-//! newline or EOF and answers `N:<what it read>`; a request starting with `GET ` is answered as
-//! HTTP/1.0 with `200` and the body `hello from N` (`GET /bytes/SIZE`: SIZE bytes, streamed).
+//! newline or EOF and answers `N:<what it read>`; a request starting with an HTTP method (`GET `,
+//! `HEAD `, `POST `, ...) is answered as HTTP/1.0 with `200` and the body `hello from N`
+//! (`GET /bytes/SIZE`: SIZE bytes, streamed; `/headers`: a JSON echo of the request head,
+//! `{"name","method","target","headers":[[name,value],...]}` with names as received).
 //!
 //! `connect` prints exactly one JSON line and exits 0 whatever happened on the wire:
 //! `{"ok","connected","error","kind","errno","local","reply"}` where `kind` is one of `refused`,
@@ -203,18 +205,26 @@ fn handle(mut stream: TcpStream, name: &str) {
     let read = String::from_utf8_lossy(&buf).into_owned();
     let written = if is_http(&buf) {
         let size = http_bytes_path(&read);
-        let head = |len: usize| {
+        let head = |len: usize, content_type: &str| {
             format!(
-                "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+                "HTTP/1.0 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
             )
         };
         if let Some(len) = size {
             stream
-                .write_all(head(len).as_bytes())
+                .write_all(head(len, "text/plain").as_bytes())
                 .and_then(|()| write_pattern(&mut stream, len))
         } else {
-            let body = format!("hello from {name}");
-            stream.write_all(format!("{}{body}", head(body.len())).as_bytes())
+            let (body, content_type) = match http_echo(&read, name) {
+                Some(echo) => (echo, "application/json"),
+                None => (format!("hello from {name}"), "text/plain"),
+            };
+            let head = head(body.len(), content_type);
+            if read.starts_with("HEAD ") {
+                stream.write_all(head.as_bytes())
+            } else {
+                stream.write_all(format!("{head}{body}").as_bytes())
+            }
         }
     } else {
         stream.write_all(format!("{name}:{read}").as_bytes())
@@ -253,8 +263,35 @@ fn write_pattern(stream: &mut TcpStream, mut len: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// For a request to `/headers` (any method, any query): its head as JSON.
+fn http_echo(request: &str, name: &str) -> Option<String> {
+    let head = request.split("\r\n\r\n").next()?;
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next()?.split(' ');
+    let (method, target) = (request_line.next()?, request_line.next()?);
+    if target.split('?').next() != Some("/headers") {
+        return None;
+    }
+    let headers: Vec<(&str, &str)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k, v.trim()))
+        .collect();
+    Some(json!({"name": name, "method": method, "target": target, "headers": headers}).to_string())
+}
+
+/// Methods whose requests are answered as HTTP.
+const HTTP_METHODS: [&[u8]; 7] = [
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"PATCH ",
+    b"OPTIONS ",
+];
+
 fn is_http(buf: &[u8]) -> bool {
-    buf.starts_with(b"GET ")
+    HTTP_METHODS.iter().any(|m| buf.starts_with(m))
 }
 
 fn connect(opts: &ConnectOpts) {

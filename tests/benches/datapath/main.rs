@@ -353,17 +353,24 @@ enum Then {
 fn connect_loop(target: SocketAddrV4, then: Then, iters: u64) -> Duration {
     let mut total = Duration::ZERO;
     for _ in 0..iters {
-        let (mut stream, took) =
+        let (connected, took) =
             wire::timed_connect(target).unwrap_or_else(|e| panic!("connect to {target}: {e}"));
         total += took;
-        match then {
-            Then::RoundTrip => {
+        match (connected, then) {
+            (wire::Connected::Open(mut stream), Then::RoundTrip) => {
                 wire::round_trip(&mut stream)
                     .unwrap_or_else(|e| panic!("request to {target}: {e}"));
+                wire::abort(stream);
             }
-            Then::UntilClosed => wire::wait_closed(&mut stream),
+            (wire::Connected::Open(mut stream), Then::UntilClosed) => {
+                wire::wait_closed(&mut stream);
+                wire::abort(stream);
+            }
+            (wire::Connected::Reset, Then::UntilClosed) => {}
+            (wire::Connected::Reset, Then::RoundTrip) => {
+                panic!("{target} reset the connection during the handshake")
+            }
         }
-        wire::abort(stream);
     }
     total
 }
@@ -434,8 +441,13 @@ fn bench_requests(c: &mut Criterion, rig: &Rig, benchmarks: &mut Vec<Value>) {
 
 /// Connect, one round trip, reset.
 fn one_connection(target: SocketAddrV4) {
-    let (mut stream, _) =
-        wire::timed_connect(target).unwrap_or_else(|e| panic!("connect to {target}: {e}"));
+    let mut stream = match wire::timed_connect(target) {
+        Ok((wire::Connected::Open(stream), _)) => stream,
+        Ok((wire::Connected::Reset, _)) => {
+            panic!("{target} reset the connection during the handshake")
+        }
+        Err(e) => panic!("connect to {target}: {e}"),
+    };
     wire::round_trip(&mut stream).unwrap_or_else(|e| panic!("request to {target}: {e}"));
     wire::abort(stream);
 }

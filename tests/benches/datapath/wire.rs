@@ -17,9 +17,17 @@ pub const KIND_REQUEST: u8 = b'R';
 pub const KIND_BULK: u8 = b'B';
 const BULK_CHUNK: usize = 64 * 1024;
 
+/// What [`timed_connect`] saw.
+pub enum Connected {
+    Open(TcpStream),
+    /// The handshake completed but the peer reset the connection before `connect(2)` returned
+    /// (the proxy refusing a connection that was not redirected can be that quick).
+    Reset,
+}
+
 /// Opens a TCP socket and connects it to `addr`, timing the `connect(2)` call alone (socket
 /// creation excluded): the call the cgroup/connect4 hook runs in.
-pub fn timed_connect(addr: SocketAddrV4) -> io::Result<(TcpStream, Duration)> {
+pub fn timed_connect(addr: SocketAddrV4) -> io::Result<(Connected, Duration)> {
     // SAFETY: plain syscall; the fd is owned right below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -42,11 +50,16 @@ pub fn timed_connect(addr: SocketAddrV4) -> io::Result<(TcpStream, Duration)> {
     let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const sin).cast(), len) };
     let elapsed = start.elapsed();
     if rc != 0 {
-        return Err(io::Error::last_os_error());
+        let err = io::Error::last_os_error();
+        return if err.kind() == io::ErrorKind::ConnectionReset {
+            Ok((Connected::Reset, elapsed))
+        } else {
+            Err(err)
+        };
     }
     let stream = TcpStream::from(fd);
     stream.set_nodelay(true)?;
-    Ok((stream, elapsed))
+    Ok((Connected::Open(stream), elapsed))
 }
 
 /// Connects to `addr` (untimed).

@@ -3,7 +3,7 @@
 //
 //   node jwt.mjs genkey --kid KID --private FILE --public FILE
 //       a new RSA key: FILE (private JWKS, {"keys":[jwk]}) and FILE (public JWKS, for jwks_file)
-//   node jwt.mjs sign < REQUEST.json
+//   node jwt.mjs sign [REQUEST.json]        (the request file, else stdin)
 //       REQUEST: {"keys_file": FILE, "tokens": [{"header": {...}, "claims": {...}, "sign": HOW,
 //                 "kid_of_key": KID?}, ...]}
 //       prints a JSON array of compact JWS strings, in order. `header` is written as given
@@ -80,9 +80,9 @@ const [command, ...rest] = process.argv.slice(2);
 if (command === 'genkey') {
   genkey(flags(rest));
 } else if (command === 'sign') {
-  const request = JSON.parse(fs.readFileSync(0, 'utf8'));
+  const request = JSON.parse(fs.readFileSync(rest[0] ?? 0, 'utf8'));
   process.stdout.write(`${JSON.stringify(sign(request))}\n`);
 } else {
-  process.stderr.write('usage: node jwt.mjs genkey --kid KID --private FILE --public FILE | sign < REQUEST.json\n');
+  process.stderr.write('usage: node jwt.mjs genkey --kid KID --private FILE --public FILE | sign [REQUEST.json]\n');
   process.exit(2);
 }

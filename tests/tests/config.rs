@@ -175,6 +175,8 @@ fn the_harness_config_is_accepted() {
                 .allow("fd00:7::/32"),
             ServiceConfig::new("api", Mode::Audit).vip("10.96.7.20:80".parse().expect("addr")),
         ],
+        auth: None,
+        workloads: Vec::new(),
     };
     let file = scratch.write("harness.yaml", &config.to_yaml());
     let out = gateway(&["check-config"], &file);
@@ -183,5 +185,41 @@ fn the_harness_config_is_accepted() {
         Some(0),
         "check-config of the harness's config:\n{}\n{out:?}",
         config.to_yaml()
+    );
+
+    // The identity parts as the identity tests write them: an HTTP service with a policy, an
+    // issuer with a JWKS file, a static workload.
+    let jwks = scratch.write("sa.jwks.json", r#"{"keys": []}"#);
+    let mut identity = config.clone();
+    identity.services[0] = identity.services[0]
+        .clone()
+        .http(serde_json::json!({"hosts": ["api.nodegate.test"], "identity_headers": true}))
+        .policy(serde_json::json!({
+            "deny": [{"id": "no-admin", "when": {"path": {"prefix": "/admin"}}}],
+            "allow": [
+                {"id": "ops", "when": {"groups": "ops"}},
+                {"id": "checkout", "when": {"workload": {"namespace": "shop", "service_account": "checkout"}}},
+            ],
+        }));
+    let identity = identity
+        .auth(serde_json::json!({"issuers": [{
+            "name": "cluster",
+            "issuer": "https://kubernetes.default.svc",
+            "jwks_file": jwks,
+            "audiences": ["nodegate"],
+            "kind": "kubernetes",
+        }]}))
+        .workload(serde_json::json!({
+            "namespace": "shop",
+            "service_account": "cart",
+            "addresses": ["10.7.1.10/32"],
+        }));
+    let file = scratch.write("identity.yaml", &identity.to_yaml());
+    let out = gateway(&["check-config"], &file);
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "check-config of the harness's identity config:\n{}\n{out:?}",
+        identity.to_yaml()
     );
 }

@@ -53,6 +53,10 @@ pub struct ServiceConfig {
     pub endpoints: Vec<SocketAddr>,
     /// CIDRs, written as given (so a test can write an invalid one).
     pub allow_sources: Vec<String>,
+    /// `http:` (`hosts`, `identity_headers`, `login`), written as given (JSON is YAML).
+    pub http: Option<Value>,
+    /// `policy:` (deny / allow rules), written as given.
+    pub policy: Option<Value>,
 }
 
 impl ServiceConfig {
@@ -63,6 +67,8 @@ impl ServiceConfig {
             vips: Vec::new(),
             endpoints: Vec::new(),
             allow_sources: Vec::new(),
+            http: None,
+            policy: None,
         }
     }
 
@@ -83,6 +89,20 @@ impl ServiceConfig {
         self.allow_sources.push(cidr.to_owned());
         self
     }
+
+    /// Makes it an HTTP service: `http:` as given (e.g. `{"hosts": ["api.test"]}`).
+    #[must_use]
+    pub fn http(mut self, http: Value) -> Self {
+        self.http = Some(http);
+        self
+    }
+
+    /// Its `policy:` as given (e.g. `{"allow": [{"id": "ops", "when": {"groups": "ops"}}]}`).
+    #[must_use]
+    pub fn policy(mut self, policy: Value) -> Self {
+        self.policy = Some(policy);
+        self
+    }
 }
 
 /// The gateway's YAML config (docs/ARCHITECTURE.md, README).
@@ -97,6 +117,10 @@ pub struct GatewayConfig {
     pub gateways: Vec<IpAddr>,
     pub decisions_file: PathBuf,
     pub services: Vec<ServiceConfig>,
+    /// `auth:` (issuers), written as given.
+    pub auth: Option<Value>,
+    /// `workloads:` (static workload identities), written as given.
+    pub workloads: Vec<Value>,
 }
 
 impl GatewayConfig {
@@ -111,12 +135,29 @@ impl GatewayConfig {
             gateways: vec![IpAddr::V4(node.ipv4()), IpAddr::V6(node.ipv6())],
             decisions_file: node.dir().join("decisions.log"),
             services: Vec::new(),
+            auth: None,
+            workloads: Vec::new(),
         }
     }
 
     #[must_use]
     pub fn service(mut self, service: ServiceConfig) -> Self {
         self.services.push(service);
+        self
+    }
+
+    /// Sets `auth:` (e.g. `{"issuers": [...]}`).
+    #[must_use]
+    pub fn auth(mut self, auth: Value) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// Adds a `workloads:` entry (e.g. `{"namespace": "shop", "service_account": "cart",
+    /// "cgroup": "/sys/fs/cgroup/..."}`).
+    #[must_use]
+    pub fn workload(mut self, workload: Value) -> Self {
+        self.workloads.push(workload);
         self
     }
 
@@ -168,9 +209,16 @@ impl GatewayConfig {
         } else {
             y.push_str("services:\n");
             for s in &self.services {
+                let mut extra = String::new();
+                if let Some(http) = &s.http {
+                    let _ = write!(extra, ", http: {http}");
+                }
+                if let Some(policy) = &s.policy {
+                    let _ = write!(extra, ", policy: {policy}");
+                }
                 let _ = writeln!(
                     y,
-                    "  - {{ name: {}, mode: {}, vips: {}, endpoints: {}, allow_sources: {} }}",
+                    "  - {{ name: {}, mode: {}, vips: {}, endpoints: {}, allow_sources: {}{extra} }}",
                     q(&s.name),
                     q(s.mode.as_str()),
                     list(s.vips.iter().map(ToString::to_string).collect()),
@@ -178,6 +226,12 @@ impl GatewayConfig {
                     list(s.allow_sources.clone()),
                 );
             }
+        }
+        if let Some(auth) = &self.auth {
+            let _ = writeln!(y, "auth: {auth}");
+        }
+        if !self.workloads.is_empty() {
+            let _ = writeln!(y, "workloads: {}", Value::from(self.workloads.clone()));
         }
         y
     }
@@ -625,6 +679,8 @@ mod tests {
                     .endpoint("10.7.1.11:8080".parse().expect("addr"))
                     .allow("10.7.0.0/16"),
             ],
+            auth: None,
+            workloads: Vec::new(),
         }
     }
 
@@ -645,6 +701,27 @@ services:
         );
         let empty = sample().without_service("web");
         assert!(empty.to_yaml().ends_with("services: []\n"));
+    }
+
+    #[test]
+    fn http_policy_auth_and_workloads_are_written_as_json() {
+        let mut config = sample();
+        config.services[0] = config.services[0]
+            .clone()
+            .http(serde_json::json!({"hosts": ["api.test"]}))
+            .policy(serde_json::json!({"allow": [{"id": "ops", "when": {"groups": "ops"}}]}));
+        let config = config
+            .auth(serde_json::json!({"issuers": []}))
+            .workload(serde_json::json!({"namespace": "ns", "service_account": "sa"}));
+        let yaml = config.to_yaml();
+        assert!(
+            yaml.contains(r#"allow_sources: ["10.7.0.0/16"], http: {"hosts":["api.test"]}, policy: {"allow":[{"id":"ops","when":{"groups":"ops"}}]} }"#),
+            "{yaml}"
+        );
+        assert!(
+            yaml.ends_with("auth: {\"issuers\":[]}\nworkloads: [{\"namespace\":\"ns\",\"service_account\":\"sa\"}]\n"),
+            "{yaml}"
+        );
     }
 
     #[test]

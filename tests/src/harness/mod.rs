@@ -21,8 +21,10 @@
 //!   up by the next run with the same name, and nodes with different names run in parallel.
 
 mod gateway;
+mod http;
 mod netns;
 mod node;
+pub mod oidc;
 mod process;
 
 use std::{
@@ -35,8 +37,10 @@ pub use gateway::{
     ADMIN_PORT, Counters, Gateway, GatewayConfig, Mode, PROXY_PORT, ServiceConfig,
     bpftool_cgroup_show, bpftool_prog_ids, metric_value, poll_until,
 };
+pub use http::{HttpReply, HttpRequest, describe as describe_request};
 pub use netns::{http_get_in_netns, tcp_connect_in_netns};
 pub use node::{FOREIGN, Footprint, HOSTNET, NODE, Node, NodeSpec, Place};
+pub use oidc::{BrowserLogin, OidcOptions, OidcProvider, Signing, TokenSpec};
 pub use process::{Output, PeerReply, Proc, run_command};
 
 /// Root of the cgroup v2 hierarchy on the machines this runs on.

@@ -119,6 +119,11 @@ impl Place {
         }
     }
 
+    /// The node's temp dir (logs, configs), shared by every place of the node.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.rt.dir
+    }
+
     /// The cgroup id the kernel reports (`bpf_get_current_cgroup_id`): the cgroup v2 inode.
     pub fn cgroup_id(&self) -> Result<u64> {
         fs::metadata(&self.cgroup)

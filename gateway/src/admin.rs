@@ -1,4 +1,5 @@
-//! The admin HTTP server: `/healthz`, `/readyz`, `/metrics`. It runs on a thread and a
+//! The admin HTTP server: `/healthz`, `/readyz`, `/metrics`, and the JWKS of the gateway's
+//! identity assertions at `/.well-known/jwks.json`. It runs on a thread and a
 //! runtime of its own, so health checks and scrapes answer whatever the data plane is doing
 //! (and a scrape, which reads the pinned maps, never takes a proxy worker).
 
@@ -76,6 +77,8 @@ impl Readiness {
 struct State {
     readiness: Arc<Readiness>,
     metrics: Arc<Metrics>,
+    /// The public key set of the identity assertions (`/.well-known/jwks.json`).
+    jwks: Arc<str>,
 }
 
 /// The running server; stops when [`AdminServer::stop`] is called or it is dropped.
@@ -91,6 +94,7 @@ impl AdminServer {
         listen: SocketAddr,
         readiness: Arc<Readiness>,
         metrics: Arc<Metrics>,
+        jwks: Arc<str>,
     ) -> Result<Self, AdminError> {
         let bind_err = |source| AdminError::Bind {
             addr: listen,
@@ -104,7 +108,11 @@ impl AdminServer {
             .build()
             .map_err(AdminError::Start)?;
         let (stop_tx, stop_rx) = oneshot::channel();
-        let state = State { readiness, metrics };
+        let state = State {
+            readiness,
+            metrics,
+            jwks,
+        };
         let thread = thread::Builder::new()
             .name("ng-admin".into())
             .spawn(move || runtime.block_on(serve(listener, state, stop_rx)))
@@ -197,6 +205,11 @@ fn route(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
                 )
             }
         }
+        "/.well-known/jwks.json" => response(
+            StatusCode::OK,
+            "application/jwk-set+json",
+            state.jwks.to_string(),
+        ),
         "/metrics" => match state.metrics.encode() {
             Ok(body) => response(StatusCode::OK, OPENMETRICS, body),
             Err(err) => text(
@@ -206,7 +219,7 @@ fn route(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz or /metrics\n".into(),
+            "not found: try /healthz, /readyz, /metrics or /.well-known/jwks.json\n".into(),
         ),
     }
 }
@@ -261,6 +274,7 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             readiness.clone(),
             metrics.clone(),
+            Arc::from(r#"{"keys":[]}"#),
         )
         .unwrap();
         let addr = server.local_addr();
@@ -284,6 +298,10 @@ mod tests {
             "{body}"
         );
         assert_eq!(get(addr, "/nope").0, 404);
+        assert_eq!(
+            get(addr, "/.well-known/jwks.json"),
+            (200, r#"{"keys":[]}"#.into())
+        );
         server.stop();
         assert!(std::net::TcpStream::connect(addr).is_err());
     }

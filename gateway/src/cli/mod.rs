@@ -108,6 +108,8 @@ pub enum CliError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::SetupError),
     #[error("cannot start the {what} runtime")]
     Runtime {
         what: &'static str,
@@ -134,14 +136,14 @@ impl CliError {
 
     fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) => EXIT_USAGE,
+            Self::Config(_) | Self::Auth(_) => EXIT_USAGE,
             _ => EXIT_RUNTIME,
         }
     }
 }
 
 /// The message and its causes on one line: `error: a: b: c`.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

@@ -11,6 +11,7 @@ use std::{
 
 use crate::{
     admin::Readiness,
+    auth::{self, AuthObserver, Authenticator, LoadReport},
     config::{Config, ConfigError},
     ebpf::{Datapath, DesiredState, EbpfError, SyncReport},
     proxy::{Routes, SharedRoutes},
@@ -25,6 +26,17 @@ pub(super) trait MapSync {
 impl MapSync for Datapath {
     fn sync(&mut self, desired: &DesiredState) -> Result<SyncReport, EbpfError> {
         Datapath::sync(self, desired)
+    }
+}
+
+pub(super) fn log_key_load(report: &LoadReport) {
+    match &report.result {
+        Ok(keys) => tracing::info!(issuer = %report.issuer, keys, "issuer keys loaded"),
+        Err(err) => tracing::warn!(
+            issuer = %report.issuer,
+            error = %super::error_chain(err),
+            "issuer keys not loaded: its tokens are refused (issuer_unavailable) until a fetch succeeds"
+        ),
     }
 }
 
@@ -52,6 +64,8 @@ pub(super) struct Reloader<S> {
     seen: Option<u64>,
     /// Whether the file was unreadable at the last check (to warn once, not every second).
     unreadable: bool,
+    /// A new authenticator for a changed `auth` section, for the control loop to load and swap.
+    pending_auth: Option<Arc<Authenticator>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +76,8 @@ enum ReloadError {
     RestartRequired(Vec<&'static str>),
     #[error("cannot sync the kernel maps with the new config")]
     Sync(#[source] EbpfError),
+    #[error("auth")]
+    Auth(#[source] auth::SetupError),
 }
 
 fn content_hash(text: &[u8]) -> u64 {
@@ -88,6 +104,7 @@ impl<S: MapSync> Reloader<S> {
             readiness,
             seen: None,
             unreadable: false,
+            pending_auth: None,
         };
         // The running config came from the file as it is now.
         this.seen = this.read().map(|(hash, _)| hash);
@@ -159,11 +176,26 @@ impl<S: MapSync> Reloader<S> {
         }
     }
 
+    /// The authenticator of a reload that changed `auth`, once.
+    pub(super) fn take_pending_auth(&mut self) -> Option<Arc<Authenticator>> {
+        self.pending_auth.take()
+    }
+
     fn apply(&mut self, new: Config) -> Result<SyncReport, ReloadError> {
         let restart = self.config.restart_required(&new);
         if !restart.is_empty() {
             return Err(ReloadError::RestartRequired(restart));
         }
+        let auth_changed =
+            serde_json::to_value(&self.config.auth).ok() != serde_json::to_value(&new.auth).ok();
+        let new_auth = if auth_changed {
+            let observer: Arc<dyn AuthObserver> = self.metrics.clone();
+            Some(Arc::new(
+                Authenticator::new(&new.auth, observer).map_err(ReloadError::Auth)?,
+            ))
+        } else {
+            None
+        };
         // The table first: a destination the maps start redirecting is already known to the
         // proxy. Open connections keep their own snapshot.
         let old = self.routes.swap(Arc::new(Routes::new(&new)));
@@ -171,6 +203,9 @@ impl<S: MapSync> Reloader<S> {
             Ok(report) => {
                 self.config = new;
                 self.readiness.set_synced(true);
+                if new_auth.is_some() {
+                    self.pending_auth = new_auth;
+                }
                 Ok(report)
             }
             Err(err) => {

@@ -7,6 +7,8 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
+use arc_swap::ArcSwap;
+
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
     sync::watch,
@@ -18,9 +20,13 @@ use super::{
 };
 use crate::{
     admin::{AdminServer, Readiness},
+    auth::{AuthObserver, Authenticator},
     config::Config,
     ebpf::{BypassEvents, Datapath, DatapathOptions},
-    proxy::{self, Routes, SharedRoutes},
+    proxy::{
+        self, Routes, SharedRoutes,
+        http::{AssertionSigner, HttpContext, SharedAuth},
+    },
     telemetry::{
         self, Metrics,
         bypass::{BypassLog, ServiceLookup},
@@ -28,6 +34,8 @@ use crate::{
 };
 
 const RELOAD_POLL: Duration = Duration::from_secs(1);
+/// How often issuer keys are checked for age and JWKS files for changes.
+const KEY_REFRESH_TICK: Duration = Duration::from_secs(10);
 
 pub(super) fn run(path: Option<&Path>) -> Result<(), CliError> {
     let config = match path {
@@ -43,8 +51,18 @@ pub(super) fn run(path: Option<&Path>) -> Result<(), CliError> {
     );
     tracing::info!("{}", config.summary());
 
+    // The assertion key lives as long as the process; backends fetch its JWKS from the admin port.
+    let signer = Arc::new(AssertionSigner::generate(config.assertion.clone()));
+    tracing::info!(kid = signer.kid(), issuer = %config.assertion.issuer, "assertion signing key generated");
+    let authenticator = Authenticator::new(&config.auth, metrics.clone() as Arc<dyn AuthObserver>)?;
+
     let readiness = Arc::new(Readiness::default());
-    let admin = AdminServer::start(config.admin.listen, readiness.clone(), metrics.clone())?;
+    let admin = AdminServer::start(
+        config.admin.listen,
+        readiness.clone(),
+        metrics.clone(),
+        Arc::from(signer.jwks()),
+    )?;
     let runtime_err = |what| move |source| CliError::Runtime { what, source };
     let dataplane = tokio::runtime::Builder::new_multi_thread()
         .thread_name("ng-proxy")
@@ -57,6 +75,10 @@ pub(super) fn run(path: Option<&Path>) -> Result<(), CliError> {
         .map_err(runtime_err("control"))?;
 
     let signals = Signals::install(&control)?;
+    for report in control.block_on(authenticator.load_keys()) {
+        super::reload::log_key_load(&report);
+    }
+    let auth: SharedAuth = Arc::new(ArcSwap::from_pointee(authenticator));
     proxy::check_mark(config.proxy.mark)?;
     let (datapath, events) = start_datapath(&config, &readiness, &control)?;
     let listeners = proxy::bind(&config.proxy.listeners())?;
@@ -67,6 +89,13 @@ pub(super) fn run(path: Option<&Path>) -> Result<(), CliError> {
         orig: Box::new(datapath.orig_dst()),
         metrics: metrics.clone(),
         mark: Some(config.proxy.mark),
+        http: HttpContext::new(
+            auth.clone(),
+            signer,
+            None,
+            Some(config.proxy.mark),
+            routes.clone(),
+        ),
     });
     let bypass_log = BypassLog::new(
         config.node.clone(),
@@ -92,7 +121,7 @@ pub(super) fn run(path: Option<&Path>) -> Result<(), CliError> {
         let bypass_task = tokio::spawn(bypass_log.run(events, shutdown_rx));
         readiness.set_listening(true);
         tracing::info!(admin = %admin.local_addr(), "ready");
-        let result = control_loop(&mut reloader, signals, proxy_task).await;
+        let result = control_loop(&mut reloader, &auth, signals, proxy_task).await;
         readiness.set_listening(false);
         let _ = shutdown_tx.send(true);
         let result = match result {
@@ -194,6 +223,7 @@ type ProxyTask = tokio::task::JoinHandle<Result<(), proxy::ProxyError>>;
 /// proxy task to drain, or an error if the proxy stopped on its own.
 async fn control_loop(
     reloader: &mut Reloader<Datapath>,
+    auth: &SharedAuth,
     signals: Signals,
     mut proxy_task: ProxyTask,
 ) -> Result<ProxyTask, CliError> {
@@ -204,11 +234,17 @@ async fn control_loop(
     } = signals;
     let mut poll = tokio::time::interval(RELOAD_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut key_upkeep = spawn_key_upkeep(auth.load_full());
     loop {
         tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(proxy_task); }
-            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(proxy_task); }
-            _ = sighup.recv() => reloader.reload("SIGHUP"),
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); key_upkeep.abort(); return Ok(proxy_task); }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); key_upkeep.abort(); return Ok(proxy_task); }
+            _ = sighup.recv() => {
+                reloader.reload("SIGHUP");
+                for report in auth.load().reload_files().await {
+                    super::reload::log_key_load(&report);
+                }
+            }
             _ = poll.tick() => reloader.poll(),
             res = &mut proxy_task => return Err(match res {
                 Ok(Err(err)) => CliError::Proxy(err),
@@ -218,7 +254,21 @@ async fn control_loop(
                 Err(err) => CliError::ProxyTask(err),
             }),
         }
+        // A reload that changed `auth`: load the new issuers' keys before requests meet them.
+        if let Some(new) = reloader.take_pending_auth() {
+            for report in new.load_keys().await {
+                super::reload::log_key_load(&report);
+            }
+            auth.store(new.clone());
+            key_upkeep.abort();
+            key_upkeep = spawn_key_upkeep(new);
+            tracing::info!("token issuers reloaded");
+        }
     }
+}
+
+fn spawn_key_upkeep(auth: Arc<Authenticator>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move { auth.refresh_loop(KEY_REFRESH_TICK).await })
 }
 
 fn service_lookup(routes: &SharedRoutes) -> ServiceLookup {

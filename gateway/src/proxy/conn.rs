@@ -1,11 +1,24 @@
 //! One accepted connection, from the original-destination lookup to its decision line.
 
-use std::{net::SocketAddr, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::{net::TcpStream, sync::watch};
 
-use super::{Shared, decide, forward, upstream};
+use super::{
+    Shared, decide,
+    detect::{self, Detected},
+    forward,
+    http::{self, Protocol},
+    upstream,
+};
 use crate::telemetry::{ConnectionLine, Decision, Reason};
+
+/// How long a client of an HTTP service may take to send its first bytes.
+const DETECT_WAIT: Duration = Duration::from_secs(10);
 
 /// Keeps `nodegate_connections_active` right on every exit path.
 struct Active<'a>(&'a Shared);
@@ -26,11 +39,11 @@ impl Drop for Active<'_> {
 pub(super) async fn handle(
     client: TcpStream,
     peer: SocketAddr,
-    shared: &Shared,
+    shared: Arc<Shared>,
     abort: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
-    let _active = Active::new(shared);
+    let _active = Active::new(&shared);
     if let Err(err) = client.set_nodelay(true) {
         tracing::debug!(error = %err, "TCP_NODELAY on an accepted connection");
     }
@@ -62,6 +75,62 @@ pub(super) async fn handle(
     }
     line.service = Some(&route.service.name);
     line.mode = Some(route.service.mode);
+    if route.service.http.is_some() {
+        // An HTTP service: the L4 rule applies first when it lists sources, then every request
+        // is authorized on its own. A TLS client passes through under the L4 rule alone.
+        let rule = &route.service.rule;
+        let l4 = (!rule.allow_sources.is_empty())
+            .then(|| decide(rule, route.service.mode, peer.ip()))
+            .filter(|(decision, _)| *decision != Decision::Allow);
+        if let Some((Decision::Deny, reason)) = l4 {
+            line.decision = Decision::Deny;
+            line.reason = reason;
+            refuse(&client);
+            line.duration = started.elapsed();
+            line.emit(&shared.metrics);
+            return;
+        }
+        let protocol = match detect::detect(&client, DETECT_WAIT).await {
+            Detected::Http1 => Protocol::Http1,
+            Detected::Http2 => Protocol::Http2,
+            Detected::Tls => {
+                tracing::debug!(%peer, service = %route.service.name, "TLS client hello: passed through under the L4 rule");
+                return forward_l4(client, &shared, &routes, route, line, started, abort).await;
+            }
+            Detected::Closed => return,
+            Detected::TimedOut => {
+                line.decision = Decision::Deny;
+                line.reason = Reason::ProtocolTimeout;
+                refuse(&client);
+                line.duration = started.elapsed();
+                line.emit(&shared.metrics);
+                return;
+            }
+        };
+        if let Some((decision, reason)) = l4 {
+            // Audit mode: the connection would have been refused at L4; its requests follow.
+            line.decision = decision;
+            line.reason = reason;
+            line.duration = started.elapsed();
+            line.emit(&shared.metrics);
+        }
+        http::serve(client, peer, orig, protocol, shared.clone(), abort).await;
+        return;
+    }
+    forward_l4(client, &shared, &routes, route, line, started, abort).await;
+}
+
+/// The L4 path: the service's source rule, then bytes copied both ways.
+async fn forward_l4(
+    client: TcpStream,
+    shared: &Shared,
+    routes: &super::Routes,
+    route: &super::routes::Route,
+    mut line: ConnectionLine<'_>,
+    started: Instant,
+    abort: watch::Receiver<bool>,
+) {
+    let peer = line.src;
     let (decision, reason) = decide(&route.service.rule, route.service.mode, peer.ip());
     line.decision = decision;
     line.reason = reason;

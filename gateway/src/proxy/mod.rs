@@ -6,7 +6,9 @@
 //! directly: it is refused and never forwarded anywhere.
 
 mod conn;
+mod detect;
 mod forward;
+pub mod http;
 pub mod routes;
 #[cfg(test)]
 mod tests;
@@ -82,6 +84,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// `SO_MARK` of upstream sockets (`None` only in unprivileged tests).
     pub mark: Option<u32>,
+    /// Authentication, assertions and the upstream pool of HTTP services.
+    pub http: http::HttpContext,
 }
 
 /// The L4 rule: allowed sources pass; others are denied, or in audit mode forwarded as
@@ -189,7 +193,7 @@ async fn accept_loop(
                 let open = open.clone();
                 let abort = abort.clone();
                 tokio::spawn(async move {
-                    conn::handle(stream, peer, &shared, abort).await;
+                    conn::handle(stream, peer, shared, abort).await;
                     drop(open);
                 });
             }

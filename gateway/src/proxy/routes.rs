@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -15,8 +15,9 @@ use std::{
 use arc_swap::ArcSwap;
 
 use crate::{
-    config::{Config, L4Rule},
+    config::{Config, HttpService, L4Rule, StaticWorkload},
     ebpf::Mode,
+    policy,
 };
 
 /// The live service table, shared by the proxy, the bypass log and the reloader.
@@ -27,6 +28,57 @@ pub struct Routes {
     dests: HashMap<SocketAddr, Route>,
     services: HashMap<u32, Arc<ServiceRoute>>,
     pub connect_timeout: Duration,
+    pub workloads: Workloads,
+}
+
+/// Static workloads by cgroup id and source address (config source).
+#[derive(Debug, Default)]
+pub struct Workloads {
+    entries: Vec<WorkloadEntry>,
+    by_cgroup: HashMap<u64, usize>,
+}
+
+#[derive(Debug)]
+pub struct WorkloadEntry {
+    pub config: StaticWorkload,
+    /// The form policy matches on, built once.
+    pub policy: policy::Workload,
+}
+
+impl Workloads {
+    pub fn new(list: &[StaticWorkload]) -> Self {
+        let mut by_cgroup = HashMap::new();
+        let entries = list
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                if let Some(id) = w.cgroup_id {
+                    by_cgroup.insert(id, i);
+                }
+                WorkloadEntry {
+                    config: w.clone(),
+                    policy: policy::Workload {
+                        namespace: w.namespace.clone(),
+                        service_account: w.service_account.clone(),
+                        labels: w.labels.clone(),
+                    },
+                }
+            })
+            .collect();
+        Self { entries, by_cgroup }
+    }
+
+    /// The workload of a connection: by the cgroup the kernel saw the `connect()` in (exact),
+    /// else by the source address (a pod IP, or a host-network process's node address).
+    pub fn lookup(&self, cgroup_id: Option<u64>, src: IpAddr) -> Option<&WorkloadEntry> {
+        if let Some(&i) = cgroup_id.and_then(|id| self.by_cgroup.get(&id)) {
+            return self.entries.get(i);
+        }
+        let src = src.to_canonical();
+        self.entries
+            .iter()
+            .find(|e| e.config.addresses.iter().any(|n| n.contains(&src)))
+    }
 }
 
 #[derive(Debug)]
@@ -36,6 +88,8 @@ pub struct ServiceRoute {
     pub mode: Mode,
     pub endpoints: Vec<SocketAddr>,
     pub rule: L4Rule,
+    /// Set for HTTP services: per-request policy.
+    pub http: Option<HttpService>,
     /// Round-robin position over `endpoints` for connections to a VIP.
     next: AtomicUsize,
 }
@@ -68,6 +122,7 @@ impl Routes {
                 mode: s.mode,
                 endpoints: s.endpoints.clone(),
                 rule: s.rule.clone(),
+                http: s.http.clone(),
                 next: AtomicUsize::new(0),
             });
             for vip in &s.vips {
@@ -96,6 +151,7 @@ impl Routes {
             dests,
             services,
             connect_timeout: config.proxy.connect_timeout,
+            workloads: Workloads::new(&config.workloads),
         }
     }
 

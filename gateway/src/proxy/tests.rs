@@ -79,12 +79,14 @@ impl Proxy {
         let listeners = bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
         let addr = listeners[0].local_addr().unwrap();
         let orig = Arc::new(FakeOrig::default());
+        let routes = Routes::shared(config);
         let shared = Arc::new(Shared {
             node: config.node.clone(),
-            routes: Routes::shared(config),
+            routes: routes.clone(),
             orig: Box::new(orig.clone()),
             metrics: Arc::new(Metrics::new(None)),
             mark: None,
+            http: http::tests::context(config, routes),
         });
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(serve(listeners, shared.clone(), rx, drain));

@@ -26,7 +26,7 @@ pub(super) async fn connect(
     Err(last)
 }
 
-pub(super) async fn connect_one(
+pub(crate) async fn connect_one(
     addr: SocketAddr,
     mark: Option<u32>,
     timeout: Duration,

@@ -3,7 +3,9 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use super::{DECISION_TARGET, Metrics};
+use serde::{Serialize, Serializer};
+
+use super::{DECISION_TARGET, Metrics, format::OBJECT_FIELD};
 use crate::ebpf::Mode;
 
 /// What happened to a connection. `WouldDeny`: audit mode, the rule denied, forwarded anyway.
@@ -32,6 +34,8 @@ pub enum Reason {
     NoOriginalDestination,
     UnknownDestination,
     UpstreamUnavailable,
+    /// An HTTP service's client sent nothing decisive in time.
+    ProtocolTimeout,
 }
 
 impl Reason {
@@ -42,6 +46,7 @@ impl Reason {
             Self::NoOriginalDestination => "no_original_destination",
             Self::UnknownDestination => "unknown_destination",
             Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::ProtocolTimeout => "protocol_detect_timeout",
         }
     }
 }
@@ -109,6 +114,165 @@ impl<'a> ConnectionLine<'a> {
             duration_ms = u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX),
         );
     }
+}
+
+/// Longest request-controlled string (path, host, method) written into a line.
+const MAX_LOGGED_LEN: usize = 1024;
+
+/// Cut `s` to at most [`MAX_LOGGED_LEN`] bytes at a character boundary.
+pub fn clip(s: &str) -> String {
+    if s.len() <= MAX_LOGGED_LEN {
+        return s.to_owned();
+    }
+    let mut end = MAX_LOGGED_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Who made a request, as established by the gateway (never as claimed by the client).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IdentityLog {
+    /// `user`, `workload` or `anonymous`.
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+}
+
+/// The calling workload: from a verified `ServiceAccount` token, or the source the kernel saw.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadLog {
+    pub namespace: String,
+    pub service_account: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// `token` or `source` (cgroup id / source address → static workload).
+    pub from: &'static str,
+}
+
+/// One HTTP request to a service with a policy, written once its response status is known
+/// (docs: README "Decision log"). Fields without a value are omitted.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestLine {
+    pub node: String,
+    pub request_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "mode_opt")]
+    pub mode: Option<Mode>,
+    #[serde(serialize_with = "decision_str")]
+    pub decision: Decision,
+    pub reason: &'static str,
+    /// The policy that was evaluated (the service's), its deciding rule and version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<String>,
+    pub identity: IdentityLog,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadLog>,
+    #[serde(serialize_with = "display")]
+    pub src: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
+    /// `http/1.1` or `h2`.
+    pub protocol: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The canonical path when it parsed, else the raw target (clipped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<SocketAddr>,
+    pub status: u16,
+    pub latency_us: u64,
+}
+
+impl RequestLine {
+    /// A line for a request about which nothing is known yet (denied until decided).
+    pub fn new(node: &str, request_id: String, src: SocketAddr, protocol: &'static str) -> Self {
+        Self {
+            node: node.to_owned(),
+            request_id,
+            service: None,
+            mode: None,
+            decision: Decision::Deny,
+            reason: "internal_error",
+            policy: None,
+            rule: None,
+            policy_version: None,
+            identity: IdentityLog {
+                kind: "anonymous",
+                ..IdentityLog::default()
+            },
+            workload: None,
+            src,
+            dst: None,
+            cgroup_id: None,
+            protocol,
+            method: None,
+            host: None,
+            path: None,
+            upstream: None,
+            status: 0,
+            latency_us: 0,
+        }
+    }
+
+    /// Write the line and count the request.
+    pub fn emit(&self, metrics: &Metrics) {
+        metrics.request(
+            self.service.as_deref(),
+            self.decision,
+            self.reason,
+            self.latency_us,
+        );
+        // Serializing plain strings and numbers cannot fail; an empty object would still be a
+        // well-formed line.
+        let object = serde_json::to_string(self).unwrap_or_default();
+        tracing::info!(
+            target: DECISION_TARGET,
+            kind = "request",
+            { OBJECT_FIELD } = object.as_str(),
+        );
+    }
+}
+
+#[expect(
+    clippy::ref_option,
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's serialize_with passes the field by reference"
+)]
+fn mode_opt<S: Serializer>(mode: &Option<Mode>, s: S) -> Result<S::Ok, S::Error> {
+    match mode {
+        Some(m) => s.serialize_str(mode_str(*m)),
+        None => s.serialize_none(),
+    }
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's serialize_with passes the field by reference"
+)]
+fn decision_str<S: Serializer>(d: &Decision, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(d.as_str())
+}
+
+fn display<S: Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
 /// One bypass attempt reported by the kernel; `suppressed` earlier events from the same
@@ -249,6 +413,82 @@ mod tests {
         }
         assert!(l["timestamp"].is_string());
         assert!(l.get("message").is_none(), "{l}");
+    }
+
+    #[test]
+    fn request_line_nests_identity_and_workload() {
+        let captured = capture::Captured::default();
+        let metrics = Metrics::new(None);
+        {
+            let _guard = captured.install();
+            let mut line = RequestLine::new(
+                "node-a",
+                "0123456789abcdef0123456789abcdef".into(),
+                "10.1.1.2:43122".parse().unwrap(),
+                "http/1.1",
+            );
+            line.service = Some("grafana".into());
+            line.mode = Some(Mode::Enforce);
+            line.decision = Decision::Allow;
+            line.reason = "allowed_by_rule";
+            line.policy = Some("grafana".into());
+            line.rule = Some("devs".into());
+            line.policy_version = Some("61ac71a56e80".into());
+            line.identity = IdentityLog {
+                kind: "user",
+                subject: Some("alice".into()),
+                email: Some("alice@example.com".into()),
+                groups: vec!["devs".into(), "a\"b".into()],
+                issuer: Some("https://login.example.com".into()),
+            };
+            line.workload = Some(WorkloadLog {
+                namespace: "ci".into(),
+                service_account: "builder".into(),
+                pod: None,
+                from: "source",
+            });
+            line.method = Some("GET".into());
+            line.path = Some("/x\n\"y".into());
+            line.status = 200;
+            line.latency_us = 812;
+            line.emit(&metrics);
+        }
+        let lines = captured.lines();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let l = &lines[0];
+        assert_eq!(l["target"], "decision");
+        assert_eq!(l["kind"], "request");
+        assert_eq!(l["decision"], "allow");
+        assert_eq!(l["mode"], "enforce");
+        assert_eq!(l["identity"]["kind"], "user");
+        assert_eq!(l["identity"]["groups"][1], "a\"b");
+        assert_eq!(l["workload"]["service_account"], "builder");
+        assert_eq!(l["path"], "/x\n\"y");
+        assert_eq!(l["status"], 200);
+        assert_eq!(l["latency_us"], 812);
+        assert!(
+            l.get("object").is_none() && l.get("upstream").is_none(),
+            "{l}"
+        );
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(
+                "nodegate_requests_total{service=\"grafana\",decision=\"allow\",reason=\"allowed_by_rule\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodegate_request_duration_seconds_count{service=\"grafana\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn clip_cuts_at_a_character_boundary() {
+        assert_eq!(clip("abc"), "abc");
+        let long = "é".repeat(MAX_LOGGED_LEN);
+        let cut = clip(&long);
+        assert!(cut.len() <= MAX_LOGGED_LEN + "…".len() && cut.ends_with('…'));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod bypass;
 pub mod decision;
+pub mod format;
 pub mod metrics;
 mod sink;
 
@@ -23,7 +24,7 @@ use tracing_subscriber::{
 };
 
 pub use self::{
-    decision::{ConnectionLine, Decision, Reason},
+    decision::{ConnectionLine, Decision, Reason, RequestLine},
     metrics::Metrics,
 };
 
@@ -104,18 +105,15 @@ where
         .with_filter(env.and(filter_fn(|meta| meta.target() != DECISION_TARGET)))
 }
 
-/// One flattened JSON object per decision event; nothing else. Not subject to `RUST_LOG`:
-/// the decision log cannot be switched off by a debug setting.
+/// One flat JSON object per decision event ([`format::DecisionFormat`]); nothing else. Not
+/// subject to `RUST_LOG`: the decision log cannot be switched off by a debug setting.
 pub fn decision_layer<S, W>(writer: W) -> impl Layer<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     tracing_subscriber::fmt::layer()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false)
+        .event_format(format::DecisionFormat)
         .with_writer(writer)
         .log_internal_errors(false)
         .with_filter(filter_fn(|meta| {

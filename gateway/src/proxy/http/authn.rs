@@ -1,0 +1,143 @@
+//! The authentication step of the request path, and the seam for browser login.
+//!
+//! In order: a bearer token (`Authorization: Bearer`, verified by [`Authenticator`]) → a
+//! session cookie (the login module, when configured) → anonymous. A token that is present but
+//! refused is a denial with its reason code, never a fallback to anonymous: otherwise an expired
+//! admin token would quietly become whatever anonymous callers may do.
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use arc_swap::ArcSwap;
+use hyper::{HeaderMap, Request, Response, body::Incoming, header};
+
+use super::response::ProxyBody;
+use crate::{
+    auth::{self, AuthError, Authenticator, Identity, IdentityKind},
+    policy,
+};
+
+/// The live authenticator; swapped whole when the `auth` section changes.
+pub type SharedAuth = Arc<ArcSwap<Authenticator>>;
+
+/// A future returned by the login seam.
+pub type LoginFuture = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
+
+/// Paths on every protected host that belong to the gateway, not the backend.
+pub const CALLBACK_PATH: &str = "/.nodegate/callback";
+pub const LOGOUT_PATH: &str = "/.nodegate/logout";
+/// Prefix of the reserved paths: never forwarded.
+pub const RESERVED_PREFIX: &str = "/.nodegate/";
+
+/// Browser login (OIDC authorization code + PKCE, encrypted session cookies): implemented by
+/// the login module (`auth::login` / `auth::session`) and handed to the proxy when configured.
+/// Only services with `http.login: true` use it.
+pub trait LoginFlow: Send + Sync + 'static {
+    /// The identity of the request's session cookie. `Ok(None)`: no session cookie.
+    /// `Err(reason)`: a cookie that is present but refused (tampered, expired, logged out); the
+    /// request is then treated as unauthenticated (a new login) and `reason` is logged.
+    fn session(
+        &self,
+        service: &str,
+        headers: &HeaderMap,
+    ) -> Result<Option<Arc<Identity>>, &'static str>;
+
+    /// The response that starts a login for a browser request to `host` + `target` (the
+    /// canonical origin-form path and query) that policy denied for lack of an identity:
+    /// normally a 302 to the identity provider.
+    fn start(&self, service: &str, host: &str, target: &str) -> Response<ProxyBody>;
+
+    /// Serves [`CALLBACK_PATH`] and [`LOGOUT_PATH`] (any other path under
+    /// [`RESERVED_PREFIX`] is answered 404 by the proxy).
+    fn reserved(&self, service: &str, host: &str, req: Request<Incoming>) -> LoginFuture;
+}
+
+/// The outcome of authentication.
+#[derive(Debug, Clone)]
+pub enum Authn {
+    /// `via`: `bearer` or `session`.
+    Authenticated {
+        identity: Arc<Identity>,
+        via: &'static str,
+    },
+    /// No credential. `session_refused`: a session cookie was there but refused.
+    Anonymous {
+        session_refused: Option<&'static str>,
+    },
+    /// A bearer token was presented and refused.
+    Refused(AuthError),
+}
+
+impl Authn {
+    pub fn identity(&self) -> Option<&Identity> {
+        match self {
+            Self::Authenticated { identity, .. } => Some(identity),
+            _ => None,
+        }
+    }
+}
+
+/// Runs the chain on a request's headers (one `Authorization` at most: checked before).
+pub async fn authenticate(
+    auth: &Authenticator,
+    login: Option<&dyn LoginFlow>,
+    service: &str,
+    headers: &HeaderMap,
+) -> Authn {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let token = value
+            .to_str()
+            .map_err(|_| AuthError::Malformed {
+                why: "Authorization is not visible ASCII",
+            })
+            .and_then(auth::parse_bearer);
+        let result = match token {
+            Ok(token) => auth.authenticate(token).await,
+            Err(err) => Err(err),
+        };
+        return match result {
+            Ok(identity) => Authn::Authenticated {
+                identity,
+                via: "bearer",
+            },
+            Err(err) => Authn::Refused(err),
+        };
+    }
+    if let Some(login) = login {
+        match login.session(service, headers) {
+            Ok(Some(identity)) => {
+                return Authn::Authenticated {
+                    identity,
+                    via: "session",
+                };
+            }
+            Ok(None) => {}
+            Err(reason) => {
+                return Authn::Anonymous {
+                    session_refused: Some(reason),
+                };
+            }
+        }
+    }
+    Authn::Anonymous {
+        session_refused: None,
+    }
+}
+
+/// The policy's view of an authenticated identity (or anonymous).
+pub fn policy_identity(identity: Option<&Identity>) -> policy::Identity {
+    let Some(id) = identity else {
+        return policy::Identity::anonymous();
+    };
+    policy::Identity {
+        kind: match id.kind {
+            IdentityKind::User => policy::IdentityKind::User,
+            IdentityKind::Workload => policy::IdentityKind::Workload,
+            IdentityKind::Anonymous => policy::IdentityKind::Anonymous,
+        },
+        subject: (!id.subject.is_empty()).then(|| id.subject.clone()),
+        email: id.email.clone(),
+        groups: id.groups.clone(),
+        issuer: (!id.issuer.is_empty()).then(|| id.issuer.clone()),
+        claims: id.claims.clone(),
+    }
+}

@@ -1,0 +1,171 @@
+//! Header rules of the request path: the headers the gateway owns (stripped from clients in
+//! any spelling), hop-by-hop headers (never forwarded), request ids.
+
+use std::fmt::Write as _;
+
+use hyper::{
+    HeaderMap,
+    header::{self, HeaderName, HeaderValue},
+};
+use rand_core::RngCore as _;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_NODEGATE_ASSERTION: HeaderName = HeaderName::from_static("x-nodegate-assertion");
+pub const X_NODEGATE_USER: HeaderName = HeaderName::from_static("x-nodegate-user");
+pub const X_NODEGATE_EMAIL: HeaderName = HeaderName::from_static("x-nodegate-email");
+pub const X_NODEGATE_GROUPS: HeaderName = HeaderName::from_static("x-nodegate-groups");
+
+/// A random 128-bit id, 32 lower-case hex digits.
+pub fn request_id() -> String {
+    let mut bytes = [0u8; 16];
+    rand_core::OsRng.fill_bytes(&mut bytes);
+    bytes.iter().fold(String::with_capacity(32), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+/// Whether the gateway owns a header of this name: `X-Nodegate-*` and `X-Request-Id`, in any
+/// case and with `_` for `-` (some servers, CGI and nginx among them, fold `_` into `-`, so a
+/// client's `X_Nodegate_User` could reach a backend as the gateway's header).
+pub fn is_gateway_owned(name: &HeaderName) -> bool {
+    // `HeaderName`s are stored in lower case.
+    let n = name.as_str().as_bytes();
+    let norm = |b: u8| if b == b'_' { b'-' } else { b };
+    let starts = |prefix: &[u8]| {
+        n.len() >= prefix.len() && n.iter().zip(prefix).all(|(&a, &b)| norm(a) == b)
+    };
+    starts(b"x-nodegate-") || (n.len() == b"x-request-id".len() && starts(b"x-request-id"))
+}
+
+/// Removes every gateway-owned header; returns how many were removed.
+pub fn strip_gateway_owned(headers: &mut HeaderMap) -> usize {
+    let owned: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_gateway_owned(n))
+        .cloned()
+        .collect();
+    let mut removed = 0;
+    for name in owned {
+        removed += headers.get_all(&name).iter().count();
+        headers.remove(&name);
+    }
+    removed
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named by `Connection`, and the fixed
+/// set. `keep_upgrade` keeps `Connection: upgrade` + `Upgrade` for an authorized upgrade.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        // A client must not get an end-to-end header of the gateway's removed this way.
+        if name != header::HOST && name != header::AUTHORIZATION {
+            headers.remove(&name);
+        }
+    }
+    for name in [
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    headers.remove(header::CONNECTION);
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Whether the request asks to switch protocols (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owned_headers_in_every_spelling() {
+        for (name, owned) in [
+            ("x-nodegate-user", true),
+            ("X-Nodegate-Email", true),
+            ("x_nodegate_groups", true),
+            ("X_NODEGATE-assertion", true),
+            ("x-nodegate-anything-new", true),
+            ("x-request-id", true),
+            ("X_Request_Id", true),
+            ("x-request-idx", false),
+            ("x-nodegatex", false),
+            ("x-forwarded-for", false),
+            ("authorization", false),
+        ] {
+            let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            assert_eq!(is_gateway_owned(&name), owned, "{name}");
+        }
+        let mut h = HeaderMap::new();
+        h.append("x-nodegate-user", HeaderValue::from_static("root"));
+        h.append("x-nodegate-user", HeaderValue::from_static("admin"));
+        h.append("x_nodegate_groups", HeaderValue::from_static("admins"));
+        h.append("accept", HeaderValue::from_static("*/*"));
+        assert_eq!(strip_gateway_owned(&mut h), 3);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret, upgrade"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-end-to-end", HeaderValue::from_static("1"));
+        let mut up = h.clone();
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(
+            h.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["x-end-to-end"]
+        );
+        strip_hop_by_hop(&mut up, true);
+        assert_eq!(up[header::CONNECTION], "upgrade");
+        assert_eq!(up[header::UPGRADE], "websocket");
+        assert!(!up.contains_key("x-secret"));
+    }
+
+    #[test]
+    fn request_ids_are_128_bit_hex() {
+        let (a, b) = (request_id(), request_id());
+        assert_eq!(a.len(), 32);
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert_ne!(a, b);
+    }
+}

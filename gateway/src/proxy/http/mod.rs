@@ -1,0 +1,946 @@
+//! HTTP services: every request on a redirected connection is parsed, authenticated, evaluated
+//! against the service's policy and logged, then forwarded (exactly as evaluated) over a pooled
+//! upstream connection, or refused.
+//!
+//! ```text
+//! accepted ─detect─▶ HTTP/1.1 (hyper, FramingGuard) ─┐
+//!                    h2c prior knowledge (hyper)  ───┴▶ per request: id → canonical path → Host
+//!   → header checks → strip gateway headers → Authn (bearer → session → anonymous)
+//!   → workload (cgroup id / source) → CompiledPolicy::evaluate → refuse | forward (+ assertion)
+//! ```
+//!
+//! Each request re-reads the live route table, so a reloaded policy or a revoked token applies
+//! to the next request of an open connection.
+
+pub mod assertion;
+pub mod authn;
+pub mod framing;
+pub mod headers;
+pub mod response;
+mod upstream;
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::AsFd as _,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use http_body_util::BodyExt as _;
+use hyper::{
+    Method, Request, Response, StatusCode, Version,
+    body::{Body as _, Incoming},
+    header::{self, HeaderValue},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::{Notify, watch},
+};
+
+pub use self::{
+    assertion::AssertionSigner,
+    authn::{LoginFlow, SharedAuth},
+};
+use self::{
+    assertion::{AssertedWorkload, Subject},
+    authn::Authn,
+    framing::{FramingGuard, Refused},
+    headers::{
+        X_NODEGATE_ASSERTION, X_NODEGATE_EMAIL, X_NODEGATE_GROUPS, X_NODEGATE_USER, X_REQUEST_ID,
+    },
+    response::{ProxyBody, Refusal, accepts_html, refusal},
+};
+use super::{OrigDst, Shared, routes::Route};
+use crate::{
+    auth::Identity,
+    config::HttpService,
+    ebpf::Mode,
+    policy::{CanonicalPath, RequestContext, Verdict},
+    telemetry::{
+        Decision, RequestLine,
+        decision::{IdentityLog, WorkloadLog, clip},
+    },
+};
+
+/// How long a connection may take to send a request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a refused framing or at shutdown: how long in-flight responses may finish.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Bytes read (and dropped) after answering a refused request, so that closing does not reset
+/// the connection before the client has read the 400.
+const LINGER_DRAIN: usize = 64 * 1024;
+
+/// What the HTTP side of the proxy shares across connections.
+pub struct HttpContext {
+    pub auth: SharedAuth,
+    pub signer: Arc<AssertionSigner>,
+    /// The browser-login module, when configured.
+    pub login: Option<Arc<dyn LoginFlow>>,
+    client: upstream::Client,
+}
+
+impl HttpContext {
+    pub fn new(
+        auth: SharedAuth,
+        signer: Arc<AssertionSigner>,
+        login: Option<Arc<dyn LoginFlow>>,
+        mark: Option<u32>,
+        routes: super::SharedRoutes,
+    ) -> Self {
+        Self {
+            auth,
+            signer,
+            login,
+            client: upstream::client(mark, routes),
+        }
+    }
+}
+
+/// The wire protocol of a connection, as detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+impl Protocol {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => "http/1.1",
+            Self::Http2 => "h2",
+        }
+    }
+}
+
+/// One HTTP connection.
+struct Conn {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    orig: OrigDst,
+    protocol: Protocol,
+    /// Requests whose response body hyper still holds.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a response until hyper drops its body (written, or the connection gone).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves one redirected connection to an HTTP service until it closes (or the proxy shuts
+/// down: in-flight requests get [`CLOSE_GRACE`]).
+pub(super) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    orig: OrigDst,
+    protocol: Protocol,
+    shared: Arc<Shared>,
+    mut abort: watch::Receiver<bool>,
+) {
+    let conn = Arc::new(Conn {
+        shared,
+        peer,
+        orig,
+        protocol,
+        in_flight: Arc::new(AtomicUsize::new(0)),
+    });
+    let service = {
+        let conn = conn.clone();
+        service_fn(move |req| {
+            let conn = conn.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle(&conn, req).await) }
+        })
+    };
+    let aborted = async move {
+        if abort.wait_for(|a| *a).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    match protocol {
+        Protocol::Http2 => {
+            let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(served);
+            tokio::select! {
+                res = served.as_mut() => log_conn_error(res.err(), &conn),
+                () = aborted => {
+                    served.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
+                }
+            }
+        }
+        Protocol::Http1 => serve_http1(stream, conn, service, aborted).await,
+    }
+}
+
+async fn serve_http1<S>(
+    stream: TcpStream,
+    conn: Arc<Conn>,
+    service: S,
+    aborted: impl Future<Output = ()>,
+) where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<ProxyBody>,
+            Error = std::convert::Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    // A second handle on the socket, to answer a refused request after hyper let go of it.
+    let spare = stream
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::net::TcpStream::from);
+    let slot = Arc::new(RefusedSlot::default());
+    let guard = FramingGuard::new(stream, slot.clone());
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(guard), service)
+        .with_upgrades();
+    tokio::pin!(served);
+    tokio::pin!(aborted);
+    let result = tokio::select! {
+        res = served.as_mut() => res.err(),
+        () = slot.notify.notified() => {
+            // Let the responses already under way finish; hyper reads no further (it would
+            // wait forever for the rest of the refused head, so it is dropped once idle).
+            served.as_mut().graceful_shutdown();
+            let in_flight = conn.in_flight.clone();
+            let idle = async move {
+                while in_flight.load(Ordering::Acquire) > 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                // The last body was handed over; give hyper a moment to flush it.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            tokio::select! {
+                res = served.as_mut() => res.err(),
+                _ = tokio::time::timeout(CLOSE_GRACE, idle) => None,
+            }
+        }
+        () = &mut aborted => {
+            served.as_mut().graceful_shutdown();
+            tokio::time::timeout(CLOSE_GRACE, served.as_mut()).await.ok().and_then(Result::err)
+        }
+    };
+    let refused = slot.take();
+    match refused {
+        Some(refused) => {
+            if let Ok(spare) = spare {
+                answer_refused(spare, &conn, refused).await;
+            }
+        }
+        None => log_conn_error(result, &conn),
+    }
+}
+
+/// The refused request reported by the [`FramingGuard`], and a wake-up for the handler.
+#[derive(Default)]
+struct RefusedSlot {
+    refused: Mutex<Option<Refused>>,
+    notify: Notify,
+}
+
+impl RefusedSlot {
+    fn take(&self) -> Option<Refused> {
+        self.refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+impl framing::OnRefused for RefusedSlot {
+    fn refused(&self, refused: Refused) {
+        *self.refused.lock().unwrap_or_else(PoisonError::into_inner) = Some(refused);
+        self.notify.notify_one();
+    }
+}
+
+/// Writes the 400 for a request whose framing was refused, logs it, and closes.
+async fn answer_refused(spare: std::net::TcpStream, conn: &Conn, refused: Refused) {
+    let started = Instant::now();
+    let request_id = headers::request_id();
+    let reason = refused
+        .error
+        .map_or("framing_invalid", framing::FramingError::code);
+    let mut line = new_line(conn, request_id.clone());
+    line.method = refused.method.as_deref().map(clip);
+    line.path = refused.target.as_deref().map(clip);
+    line.host = refused.host.as_deref().map(clip);
+    resolve_service(conn, &mut line);
+    line.reason = reason;
+    line.status = 400;
+    let bytes = response::raw_refusal(reason, &request_id, refused.accept_html);
+    if let Ok(mut stream) = TcpStream::from_std(spare) {
+        let _ = stream.write_all(&bytes).await;
+        let _ = stream.shutdown().await;
+        // Read what the client still sends (briefly) so that closing does not reset the
+        // connection and destroy the 400 before it was read.
+        let mut sink = vec![0u8; 16 * 1024];
+        let mut left = LINGER_DRAIN;
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            while left > 0 {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+    }
+    line.latency_us = micros(started);
+    line.emit(&conn.shared.metrics);
+}
+
+fn log_conn_error(err: Option<hyper::Error>, conn: &Conn) {
+    let Some(err) = err else { return };
+    if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
+        // hyper answered 400/431 itself; the request still gets its line.
+        let mut line = new_line(conn, headers::request_id());
+        resolve_service(conn, &mut line);
+        line.reason = if err.is_parse_too_large() {
+            "http_head_too_large"
+        } else {
+            "http_invalid_request"
+        };
+        line.status = if err.is_parse_too_large() { 431 } else { 400 };
+        line.emit(&conn.shared.metrics);
+    } else {
+        tracing::debug!(peer = %conn.peer, error = %err, "http connection ended with an error");
+    }
+}
+
+fn new_line(conn: &Conn, request_id: String) -> RequestLine {
+    let mut line = RequestLine::new(
+        &conn.shared.node,
+        request_id,
+        conn.peer,
+        conn.protocol.as_str(),
+    );
+    line.dst = Some(conn.orig.dst);
+    line.cgroup_id = Some(conn.orig.cgroup_id);
+    line
+}
+
+fn resolve_service(conn: &Conn, line: &mut RequestLine) {
+    let routes = conn.shared.routes.load();
+    if let Some(route) = routes.resolve(conn.orig.dst) {
+        line.service = Some(route.service.name.clone());
+        line.mode = Some(route.service.mode);
+    }
+}
+
+fn micros(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// One request: decide, answer or forward, log.
+async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let request_id = headers::request_id();
+    let mut line = new_line(conn, request_id.clone());
+    line.method = Some(clip(req.method().as_str()));
+    let html = req
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .any(|v| accepts_html(v.as_bytes()));
+    let upgrade = conn.protocol == Protocol::Http1 && headers::wants_upgrade(req.headers());
+    let in_flight = InFlight::new(&conn.in_flight);
+    let mut resp = process(conn, req, &mut line, &request_id, html).await;
+    if upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The framing guard stopped following the stream at the upgrade request; without the
+        // switch, nothing after it may be parsed as HTTP.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    line.status = resp.status().as_u16();
+    line.latency_us = micros(started);
+    line.emit(&conn.shared.metrics);
+    resp.map(|body| {
+        Tracked {
+            inner: body,
+            _in_flight: in_flight,
+        }
+        .boxed()
+    })
+}
+
+/// A response body that counts as in flight until hyper drops it. Size hint and end of stream
+/// pass through, so `Content-Length` framing is kept.
+struct Tracked {
+    inner: ProxyBody,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A refusal answered by the gateway.
+fn refuse(
+    line: &mut RequestLine,
+    status: StatusCode,
+    reason: &'static str,
+    request_id: &str,
+    html: bool,
+) -> Response<ProxyBody> {
+    line.decision = Decision::Deny;
+    line.reason = reason;
+    refusal(Refusal {
+        status,
+        reason,
+        request_id,
+        html,
+    })
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "the request path, step by step in the order it runs"
+)]
+async fn process(
+    conn: &Conn,
+    mut req: Request<Incoming>,
+    line: &mut RequestLine,
+    request_id: &str,
+    html: bool,
+) -> Response<ProxyBody> {
+    let routes = conn.shared.routes.load_full();
+    let Some(route) = routes.resolve(conn.orig.dst) else {
+        return refuse(
+            line,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unknown_destination",
+            request_id,
+            html,
+        );
+    };
+    let service = &route.service;
+    line.service = Some(service.name.clone());
+    line.mode = Some(service.mode);
+    let Some(http) = &service.http else {
+        // The service lost its policy in a reload while this connection was open.
+        return refuse(
+            line,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_not_http",
+            request_id,
+            html,
+        );
+    };
+    line.policy = Some(service.name.clone());
+    line.policy_version = Some(http.policy.version.clone());
+
+    // The path, decoded once; an ambiguous one never reaches policy.
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_owned());
+    let path = match CanonicalPath::parse(target.as_bytes()) {
+        Ok(path) => path,
+        Err(err) => {
+            line.path = Some(clip(&target));
+            return refuse(
+                line,
+                StatusCode::BAD_REQUEST,
+                err.reason_code(),
+                request_id,
+                html,
+            );
+        }
+    };
+    line.path = Some(clip(path.as_str()));
+    if req.method() == Method::CONNECT {
+        return refuse(
+            line,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_connect",
+            request_id,
+            html,
+        );
+    }
+
+    // Host: the authority of an absolute or HTTP/2 target, else the one Host header.
+    if req.headers().get_all(header::HOST).iter().count() > 1 {
+        return refuse(
+            line,
+            StatusCode::BAD_REQUEST,
+            "header_duplicate_host",
+            request_id,
+            html,
+        );
+    }
+    let host_header = match req.headers().get(header::HOST).map(HeaderValue::to_str) {
+        None => None,
+        Some(Ok(h)) => Some(h.to_owned()),
+        Some(Err(_)) => {
+            return refuse(
+                line,
+                StatusCode::BAD_REQUEST,
+                "header_invalid_host",
+                request_id,
+                html,
+            );
+        }
+    };
+    let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+    let host = match (authority, host_header) {
+        (Some(a), Some(h)) if !a.eq_ignore_ascii_case(&h) => {
+            line.host = Some(clip(&h));
+            return refuse(
+                line,
+                StatusCode::BAD_REQUEST,
+                "header_host_mismatch",
+                request_id,
+                html,
+            );
+        }
+        (Some(a), _) => Some(a),
+        (None, h) => h,
+    };
+    line.host = host.as_deref().map(clip);
+    if !http.serves_host(host.as_deref()) {
+        return refuse(
+            line,
+            StatusCode::MISDIRECTED_REQUEST,
+            "host_not_served",
+            request_id,
+            html,
+        );
+    }
+    if req.headers().get_all(header::AUTHORIZATION).iter().count() > 1 {
+        return refuse(
+            line,
+            StatusCode::BAD_REQUEST,
+            "header_duplicate_authorization",
+            request_id,
+            html,
+        );
+    }
+    let stripped = headers::strip_gateway_owned(req.headers_mut());
+    if stripped > 0 {
+        tracing::debug!(peer = %conn.peer, stripped, "removed gateway-owned headers from a client request");
+    }
+
+    let ctx = &conn.shared.http;
+    let login = if http.login {
+        ctx.login.as_deref()
+    } else {
+        None
+    };
+    if path.as_str().starts_with(authn::RESERVED_PREFIX) {
+        return reserved(
+            line,
+            req,
+            &path,
+            login,
+            &service.name,
+            host.as_deref(),
+            request_id,
+            html,
+        )
+        .await;
+    }
+
+    let auth = ctx.auth.load_full();
+    let authn = authn::authenticate(&auth, login, &service.name, req.headers()).await;
+    let identity = authn.identity();
+    log_identity(line, identity);
+    if let Authn::Anonymous {
+        session_refused: Some(reason),
+    } = &authn
+    {
+        tracing::debug!(peer = %conn.peer, reason, "session cookie refused");
+    }
+
+    // The workload: a verified ServiceAccount token names it; else the source the kernel saw.
+    let kernel_workload = routes
+        .workloads
+        .lookup(Some(conn.orig.cgroup_id), conn.peer.ip());
+    let token_workload = identity.and_then(|i| i.workload.as_ref());
+    let policy_workload = match (token_workload, kernel_workload) {
+        (Some(w), k) => {
+            line.workload = Some(WorkloadLog {
+                namespace: w.namespace.clone(),
+                service_account: w.service_account.clone(),
+                pod: w.pod.clone(),
+                from: "token",
+            });
+            Some(crate::policy::Workload {
+                namespace: w.namespace.clone(),
+                service_account: w.service_account.clone(),
+                // Labels are only known for the pod the kernel saw, when it is the same one.
+                labels: k
+                    .filter(|k| {
+                        k.policy.namespace == w.namespace
+                            && k.policy.service_account == w.service_account
+                    })
+                    .map(|k| k.policy.labels.clone())
+                    .unwrap_or_default(),
+            })
+        }
+        (None, Some(k)) => {
+            line.workload = Some(WorkloadLog {
+                namespace: k.config.namespace.clone(),
+                service_account: k.config.service_account.clone(),
+                pod: k.config.pod.clone(),
+                from: "source",
+            });
+            Some(k.policy.clone())
+        }
+        (None, None) => None,
+    };
+
+    let policy_identity = authn::policy_identity(identity);
+    let decision = http.policy.compiled.evaluate(&RequestContext {
+        identity: &policy_identity,
+        workload: policy_workload.as_ref(),
+        source_ip: Some(conn.peer.ip()),
+        method: req.method().as_str(),
+        host: host.as_deref(),
+        path: &path,
+        now: now_unix(),
+    });
+    line.rule.clone_from(&decision.rule_id);
+    line.reason = decision.reason.as_str();
+    let denied = match &authn {
+        Authn::Refused(err) => {
+            line.reason = err.reason();
+            line.rule = None;
+            Some((StatusCode::UNAUTHORIZED, err.reason()))
+        }
+        _ if decision.verdict == Verdict::Deny => {
+            let status = if identity.is_none() {
+                StatusCode::UNAUTHORIZED
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            Some((status, decision.reason.as_str()))
+        }
+        _ => None,
+    };
+    if let Some((status, reason)) = denied {
+        if service.mode == Mode::Enforce {
+            line.decision = Decision::Deny;
+            if status == StatusCode::UNAUTHORIZED
+                && identity.is_none()
+                && html
+                && !matches!(authn, Authn::Refused(_))
+                && let Some(login) = login
+            {
+                return login.start(
+                    &service.name,
+                    host.as_deref().unwrap_or_default(),
+                    &path.to_origin_form(),
+                );
+            }
+            let mut resp = refusal(Refusal {
+                status,
+                reason,
+                request_id,
+                html,
+            });
+            if let Authn::Refused(_) = authn {
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"nodegate\", error=\"invalid_token\""),
+                );
+            }
+            return resp;
+        }
+        line.decision = Decision::WouldDeny;
+    } else {
+        line.decision = Decision::Allow;
+    }
+
+    let workload = line.workload.clone();
+    let forward = Forward {
+        route,
+        http,
+        path: &path,
+        host: host.as_deref(),
+        identity,
+        workload: workload.as_ref(),
+        request_id,
+    };
+    match forward.send(conn, req, line).await {
+        Ok(resp) => resp,
+        Err(reason) => {
+            let decision = line.decision;
+            let mut resp = refuse(line, StatusCode::BAD_GATEWAY, reason, request_id, html);
+            // The policy decision stands; the upstream failure is in the reason.
+            line.decision = if decision == Decision::WouldDeny {
+                decision
+            } else {
+                Decision::Deny
+            };
+            *resp.status_mut() = StatusCode::BAD_GATEWAY;
+            resp
+        }
+    }
+}
+
+fn log_identity(line: &mut RequestLine, identity: Option<&Identity>) {
+    if let Some(id) = identity {
+        line.identity = IdentityLog {
+            kind: id.kind.as_str(),
+            subject: Some(id.subject.clone()),
+            email: id.email.clone(),
+            groups: id.groups.clone(),
+            issuer: Some(id.issuer.clone()),
+        };
+    }
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site, each argument a distinct fact"
+)]
+async fn reserved(
+    line: &mut RequestLine,
+    req: Request<Incoming>,
+    path: &CanonicalPath,
+    login: Option<&dyn LoginFlow>,
+    service: &str,
+    host: Option<&str>,
+    request_id: &str,
+    html: bool,
+) -> Response<ProxyBody> {
+    let what = match path.as_str() {
+        authn::CALLBACK_PATH => "login_callback",
+        authn::LOGOUT_PATH => "login_logout",
+        _ => "",
+    };
+    match login {
+        Some(login) if !what.is_empty() => {
+            line.decision = Decision::Allow;
+            line.reason = what;
+            login.reserved(service, host.unwrap_or_default(), req).await
+        }
+        _ => refuse(
+            line,
+            StatusCode::NOT_FOUND,
+            "reserved_path",
+            request_id,
+            html,
+        ),
+    }
+}
+
+/// An authorized request on its way upstream.
+struct Forward<'a> {
+    route: &'a Route,
+    http: &'a HttpService,
+    path: &'a CanonicalPath,
+    host: Option<&'a str>,
+    identity: Option<&'a Identity>,
+    workload: Option<&'a WorkloadLog>,
+    request_id: &'a str,
+}
+
+impl Forward<'_> {
+    async fn send(
+        &self,
+        conn: &Conn,
+        mut req: Request<Incoming>,
+        line: &mut RequestLine,
+    ) -> Result<Response<ProxyBody>, &'static str> {
+        let upgrade = conn.protocol == Protocol::Http1 && headers::wants_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let headers = &mut parts.headers;
+        headers::strip_hop_by_hop(headers, upgrade);
+        join_cookies(headers);
+        if let Some(host) = self.host.and_then(|h| HeaderValue::from_str(h).ok()) {
+            headers.insert(header::HOST, host);
+        }
+        if let Ok(id) = HeaderValue::from_str(self.request_id) {
+            headers.insert(X_REQUEST_ID, id);
+        }
+        self.identity_headers(conn, headers);
+        let target = self.path.to_origin_form();
+        let retryable = body.is_end_stream();
+        let mut body = Some(body);
+        let candidates = self.route.candidates();
+        let mut last_err = "upstream_unavailable";
+        for (i, endpoint) in candidates.iter().enumerate() {
+            let Ok(uri) = format!("http://{endpoint}{target}").parse::<hyper::Uri>() else {
+                return Err("upstream_invalid_target");
+            };
+            let mut builder = Request::builder()
+                .method(parts.method.clone())
+                .uri(uri)
+                .version(Version::HTTP_11);
+            if let Some(h) = builder.headers_mut() {
+                h.clone_from(&parts.headers);
+            }
+            let body = match body.take() {
+                Some(b) => response::boxed_incoming(b),
+                None => response::full(bytes::Bytes::new()),
+            };
+            let Ok(upstream_req) = builder.body(body) else {
+                return Err("upstream_invalid_target");
+            };
+            line.upstream = Some(*endpoint);
+            match conn.shared.http.client.request(upstream_req).await {
+                Ok(mut resp) => {
+                    let upstream_upgrade = (resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+                        .then(|| hyper::upgrade::on(&mut resp));
+                    let switching = upstream_upgrade.is_some() && client_upgrade.is_some();
+                    headers::strip_hop_by_hop(resp.headers_mut(), switching);
+                    if let Ok(id) = HeaderValue::from_str(self.request_id) {
+                        resp.headers_mut().insert(X_REQUEST_ID, id);
+                    }
+                    if let (Some(client), Some(upstream)) = (client_upgrade, upstream_upgrade) {
+                        splice_upgraded(client, upstream, conn.peer);
+                    }
+                    return Ok(resp.map(response::boxed_incoming));
+                }
+                Err(err) if err.is_connect() => {
+                    tracing::warn!(upstream = %endpoint, error = %crate::cli::error_chain(&err), "upstream connect failed");
+                    last_err = "upstream_unavailable";
+                    // The body was not sent; a request without one can go to the next endpoint.
+                    if !(retryable && i + 1 < candidates.len()) {
+                        return Err(last_err);
+                    }
+                }
+                Err(err) => {
+                    tracing::debug!(upstream = %endpoint, error = %crate::cli::error_chain(&err), "upstream request failed");
+                    return Err("upstream_error");
+                }
+            }
+        }
+        Err(last_err)
+    }
+
+    /// The assertion, and the plain identity headers when the service asks for them.
+    fn identity_headers(&self, conn: &Conn, headers: &mut hyper::HeaderMap) {
+        let signer = &conn.shared.http.signer;
+        let id = self.identity;
+        let workload = self.workload.map(|w| AssertedWorkload {
+            namespace: &w.namespace,
+            service_account: &w.service_account,
+            pod: w.pod.as_deref(),
+        });
+        let subject = Subject {
+            kind: id.map_or("anonymous", |i| i.kind.as_str()),
+            subject: id.map(|i| i.subject.as_str()),
+            email: id.and_then(|i| i.email.as_deref()),
+            groups: id.map_or(&[], |i| i.groups.as_slice()),
+            issuer: id.map(|i| i.issuer.as_str()),
+            workload,
+        };
+        let token = signer.sign(&self.route.service.name, &subject, self.request_id);
+        if let Ok(v) = HeaderValue::from_str(&token) {
+            headers.insert(X_NODEGATE_ASSERTION, v);
+        }
+        if !self.http.identity_headers {
+            return;
+        }
+        let Some(id) = id else { return };
+        let mut put = |name, value: &str| match HeaderValue::from_str(value) {
+            Ok(v) => {
+                headers.insert(name, v);
+            }
+            Err(_) => {
+                tracing::debug!(header = %name, "identity value is not a valid header value; not sent");
+            }
+        };
+        put(X_NODEGATE_USER, &id.subject);
+        if let Some(email) = &id.email {
+            put(X_NODEGATE_EMAIL, email);
+        }
+        if !id.groups.is_empty() {
+            put(X_NODEGATE_GROUPS, &id.groups.join(","));
+        }
+    }
+}
+
+/// HTTP/2 may split `Cookie` into several fields (RFC 9113 §8.2.3); HTTP/1.1 upstreams expect
+/// one.
+fn join_cookies(headers: &mut hyper::HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().count() < 2 {
+        return;
+    }
+    let joined = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+/// After a 101 on both sides, copy bytes both ways until either side closes.
+fn splice_upgraded(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    peer: SocketAddr,
+) {
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(pair) => pair,
+            Err(err) => {
+                tracing::debug!(%peer, error = %err, "upgrade did not complete");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            && err.kind() != io::ErrorKind::NotConnected
+        {
+            tracing::debug!(%peer, error = %err, "upgraded connection ended with an error");
+        }
+    });
+}
+
+#[cfg(test)]
+pub(in crate::proxy) mod tests;

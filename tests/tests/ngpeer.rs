@@ -80,6 +80,21 @@ fn line_and_half_close_replies() {
 
     let v = connect(&[&server.addr, "--send", "no newline", "--half-close"]);
     assert_eq!(v["reply"], "s:no newline", "{v}");
+
+    // --raw: as is, write side open; an HTTP request head is answered without EOF from us.
+    let v = connect(&[
+        &server.addr,
+        "--send",
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "--raw",
+    ]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(
+        v["reply"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("HTTP/1.0 200") && r.ends_with("hello from s")),
+        "{v}"
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! ngpeer serve --listen ADDR [--listen ADDR ...] [--name N]
-//! ngpeer connect ADDR [--send STR] [--timeout-ms N] [--half-close]
+//! ngpeer connect ADDR [--send STR] [--timeout-ms N] [--half-close | --raw]
 //! ```
 //!
 //! `serve` prints `listening ADDR` once per bound address, then one JSON line per connection
@@ -16,7 +16,9 @@
 //! `{"ok","connected","error","kind","errno","local","reply"}` where `kind` is one of `refused`,
 //! `timeout`, `reset`, `unreachable`, `aborted`, `other` (null when `ok`). Without
 //! `--half-close` a newline is appended to the message; with it the message is sent as is and
-//! the write side is shut down, so the peer only answers once it has seen EOF.
+//! the write side is shut down, so the peer only answers once it has seen EOF. With `--raw` the
+//! message is sent as is and the write side stays open (a raw HTTP request with
+//! `Connection: close`: the reply is read until the server closes).
 
 use std::{
     io::{self, Read, Write},
@@ -29,7 +31,7 @@ use std::{
 use serde_json::json;
 
 const USAGE: &str = "usage: ngpeer serve --listen ADDR [--listen ADDR ...] [--name N]\n       \
-                     ngpeer connect ADDR [--send STR] [--timeout-ms N] [--half-close]";
+                     ngpeer connect ADDR [--send STR] [--timeout-ms N] [--half-close | --raw]";
 
 /// How long a served connection may stay silent before it is dropped.
 const SERVE_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,6 +64,7 @@ struct ConnectOpts {
     send: String,
     timeout: Duration,
     half_close: bool,
+    raw: bool,
 }
 
 fn value<'a>(args: &'a [String], i: usize, flag: &str) -> Result<&'a str, String> {
@@ -102,6 +105,7 @@ fn parse_connect(args: &[String]) -> Result<ConnectOpts, String> {
         send: "hello".to_owned(),
         timeout: Duration::from_secs(2),
         half_close: false,
+        raw: false,
     };
     let mut i = 1;
     while i < args.len() {
@@ -119,6 +123,10 @@ fn parse_connect(args: &[String]) -> Result<ConnectOpts, String> {
             }
             "--half-close" => {
                 opts.half_close = true;
+                i += 1;
+            }
+            "--raw" => {
+                opts.raw = true;
                 i += 1;
             }
             other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
@@ -340,7 +348,7 @@ fn exchange(
         stream.write_all(opts.send.as_bytes())?;
         if opts.half_close {
             stream.shutdown(Shutdown::Write)?;
-        } else {
+        } else if !opts.raw {
             stream.write_all(b"\n")?;
         }
         Ok::<(), io::Error>(())

@@ -121,6 +121,8 @@ pub struct GatewayConfig {
     pub auth: Option<Value>,
     /// `workloads:` (static workload identities), written as given.
     pub workloads: Vec<Value>,
+    /// Other top-level sections (`login:` ...), written as given, in order.
+    pub sections: Vec<(String, Value)>,
 }
 
 impl GatewayConfig {
@@ -137,6 +139,7 @@ impl GatewayConfig {
             services: Vec::new(),
             auth: None,
             workloads: Vec::new(),
+            sections: Vec::new(),
         }
     }
 
@@ -158,6 +161,14 @@ impl GatewayConfig {
     #[must_use]
     pub fn workload(mut self, workload: Value) -> Self {
         self.workloads.push(workload);
+        self
+    }
+
+    /// Adds (or replaces) a top-level section `name: value`.
+    #[must_use]
+    pub fn section(mut self, name: &str, value: Value) -> Self {
+        self.sections.retain(|(n, _)| n != name);
+        self.sections.push((name.to_owned(), value));
         self
     }
 
@@ -232,6 +243,9 @@ impl GatewayConfig {
         }
         if !self.workloads.is_empty() {
             let _ = writeln!(y, "workloads: {}", Value::from(self.workloads.clone()));
+        }
+        for (name, value) in &self.sections {
+            let _ = writeln!(y, "{name}: {value}");
         }
         y
     }
@@ -681,6 +695,7 @@ mod tests {
             ],
             auth: None,
             workloads: Vec::new(),
+            sections: Vec::new(),
         }
     }
 

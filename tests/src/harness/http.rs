@@ -30,6 +30,8 @@ pub struct HttpRequest {
     pub body: Option<String>,
     /// Send the path exactly as written (`--path-as-is`: no `..` squashing by curl).
     pub path_as_is: bool,
+    /// More curl options for this request (`--http2-prior-knowledge`, `--request-target X`).
+    pub curl_args: Vec<String>,
 }
 
 impl HttpRequest {
@@ -40,6 +42,7 @@ impl HttpRequest {
             headers: Vec::new(),
             body: None,
             path_as_is: true,
+            curl_args: Vec::new(),
         }
     }
 
@@ -66,6 +69,13 @@ impl HttpRequest {
     #[must_use]
     pub fn host(self, host: &str) -> Self {
         self.header(&format!("Host: {host}"))
+    }
+
+    /// Adds curl options for this request.
+    #[must_use]
+    pub fn curl_args(mut self, args: &[&str]) -> Self {
+        self.curl_args.extend(args.iter().map(|&a| a.to_owned()));
+        self
     }
 
     #[must_use]
@@ -148,6 +158,7 @@ impl Place {
             if let Some(body) = &r.body {
                 cmd.args(["--data-binary", body]);
             }
+            cmd.args(&r.curl_args);
             cmd.arg(&r.url);
         }
         let timeout =
@@ -183,6 +194,55 @@ impl Place {
             })
             .collect();
         Ok(replies)
+    }
+}
+
+impl Place {
+    /// Sends `requests` over one HTTP/2 prior-knowledge (h2c) connection, one after the other
+    /// (`node tests/oidc/h2c.mjs`: curl 7.88 cannot reuse an h2c connection). The first reply
+    /// has `num_connects` 1, the others 0; `curl_args` and `path_as_is` do not apply.
+    pub fn h2c(&self, requests: &[HttpRequest]) -> Result<Vec<HttpReply>> {
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let file = self.dir().join(format!("h2c-{}-{seq}.json", self.name));
+        let list: Vec<Value> = requests
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "method": r.method, "url": r.url, "headers": r.headers, "body": r.body,
+                })
+            })
+            .collect();
+        fs::write(&file, Value::from(list).to_string())
+            .map_err(super::io_err(format!("write {}", file.display())))?;
+        let script = super::oidc::oidc_dir().join("h2c.mjs");
+        let mut cmd = Command::new("node");
+        cmd.arg(&script).arg(&file);
+        let timeout =
+            CURL_MAX_TIME * u32::try_from(requests.len()).unwrap_or(1) + Duration::from_secs(5);
+        let out = self.run(cmd, timeout)?;
+        let _ = fs::remove_file(&file);
+        let results = out.json()?;
+        let Some(results) = results.as_array().filter(|r| r.len() == requests.len()) else {
+            return Err(Error::Parse {
+                what: out.command,
+                detail: format!("expected {} results: {results}", requests.len()),
+            });
+        };
+        Ok(results
+            .iter()
+            .enumerate()
+            .map(|(i, r)| HttpReply {
+                status: r["status"]
+                    .as_u64()
+                    .and_then(|c| u16::try_from(c).ok())
+                    .unwrap_or(0),
+                headers: serde_json::from_value(r["headers"].clone()).unwrap_or_default(),
+                body: r["body"].as_str().unwrap_or_default().to_owned(),
+                local: r["local"].as_str().and_then(|l| l.parse().ok()),
+                num_connects: u64::from(i == 0),
+                error: r["error"].as_str().map(str::to_owned),
+            })
+            .collect())
     }
 }
 

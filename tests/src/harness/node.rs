@@ -194,6 +194,24 @@ impl Place {
         self.connect_with(target, msg, timeout, true)
     }
 
+    /// Sends `msg` exactly as given (no newline, write side left open) and reads until the
+    /// peer closes: a raw HTTP request with `Connection: close`.
+    pub fn connect_raw(
+        &self,
+        target: SocketAddr,
+        msg: &str,
+        timeout: Duration,
+    ) -> Result<PeerReply> {
+        let mut cmd = Command::new(self.rt.tools.require_ngpeer()?);
+        cmd.arg("connect")
+            .arg(target.to_string())
+            .args(["--send", msg, "--raw"])
+            .arg("--timeout-ms")
+            .arg(timeout.as_millis().to_string());
+        let out = self.run(cmd, timeout + Duration::from_secs(5))?;
+        PeerReply::parse(&out)
+    }
+
     fn connect_with(
         &self,
         target: SocketAddr,

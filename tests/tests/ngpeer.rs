@@ -21,6 +21,10 @@ struct Server {
 
 impl Server {
     fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    fn start_with(name: &str, extra: &[&str]) -> Self {
         // Reserve a free port, then hand it to ngpeer (a tiny race, only with this test itself).
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -29,6 +33,7 @@ impl Server {
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(NGPEER)
             .args(["serve", "--name", name, "--listen", &addr])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -163,6 +168,36 @@ fn http_headers_are_echoed_as_received() {
         out.success() && out.stdout.starts_with("HTTP/1.0 200"),
         "{out:?}"
     );
+}
+
+#[test]
+fn http11_keeps_the_connection_alive() {
+    let server = Server::start_with("k", &["--http11"]);
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sS",
+        "--max-time",
+        "3",
+        "-w",
+        "\n%{http_version} %{num_connects}\n",
+    ])
+    .arg(format!("http://{}/a", server.addr))
+    .args(["-d", "body=1"])
+    .arg(format!("http://{}/headers", server.addr))
+    .arg(format!("http://{}/c", server.addr));
+    let out = run_command(curl, Duration::from_secs(5)).expect("run curl");
+    assert!(out.success(), "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 6, "{out:?}");
+    assert_eq!(lines[0], "hello from k");
+    assert_eq!(
+        lines[1], "1.1 1",
+        "first request opens the connection: {out:?}"
+    );
+    let echo: Value = serde_json::from_str(lines[2]).expect("echo");
+    assert_eq!(echo["method"], "POST", "{echo}");
+    assert_eq!(lines[3], "1.1 0", "second request reuses it: {out:?}");
+    assert_eq!(lines[5], "1.1 0", "third request reuses it: {out:?}");
 }
 
 #[test]

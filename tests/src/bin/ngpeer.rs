@@ -1,7 +1,7 @@
 //! `ngpeer`: the traffic helper the harness runs inside pods, the foreign node and the node.
 //!
 //! ```text
-//! ngpeer serve --listen ADDR [--listen ADDR ...] [--name N]
+//! ngpeer serve --listen ADDR [--listen ADDR ...] [--name N] [--http11]
 //! ngpeer connect ADDR [--send STR] [--timeout-ms N] [--half-close | --raw]
 //! ```
 //!
@@ -10,7 +10,10 @@
 //! newline or EOF and answers `N:<what it read>`; a request starting with an HTTP method (`GET `,
 //! `HEAD `, `POST `, ...) is answered as HTTP/1.0 with `200` and the body `hello from N`
 //! (`GET /bytes/SIZE`: SIZE bytes, streamed; `/headers`: a JSON echo of the request head,
-//! `{"name","method","target","headers":[[name,value],...]}` with names as received).
+//! `{"name","method","target","headers":[[name,value],...]}` with names as received). With
+//! `--http11`, HTTP is answered as HTTP/1.1 with keep-alive: request after request on one
+//! connection (each with its own `conn` line) until the client closes or sends
+//! `Connection: close`.
 //!
 //! `connect` prints exactly one JSON line and exits 0 whatever happened on the wire:
 //! `{"ok","connected","error","kind","errno","local","reply"}` where `kind` is one of `refused`,
@@ -30,7 +33,7 @@ use std::{
 
 use serde_json::json;
 
-const USAGE: &str = "usage: ngpeer serve --listen ADDR [--listen ADDR ...] [--name N]\n       \
+const USAGE: &str = "usage: ngpeer serve --listen ADDR [--listen ADDR ...] [--name N] [--http11]\n       \
                      ngpeer connect ADDR [--send STR] [--timeout-ms N] [--half-close | --raw]";
 
 /// How long a served connection may stay silent before it is dropped.
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
 struct ServeOpts {
     listen: Vec<SocketAddr>,
     name: String,
+    http11: bool,
 }
 
 struct ConnectOpts {
@@ -82,12 +86,18 @@ fn parse_serve(args: &[String]) -> Result<ServeOpts, String> {
     let mut opts = ServeOpts {
         listen: Vec::new(),
         name: "peer".to_owned(),
+        http11: false,
     };
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
             "--listen" => opts.listen.push(parse_addr(value(args, i, "--listen")?)?),
             "--name" => value(args, i, "--name")?.clone_into(&mut opts.name),
+            "--http11" => {
+                opts.http11 = true;
+                i += 1;
+                continue;
+            }
             other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
         }
         i += 2;
@@ -153,12 +163,13 @@ fn serve(opts: &ServeOpts) -> Result<(), String> {
         .into_iter()
         .map(|listener| {
             let name = opts.name.clone();
+            let http11 = opts.http11;
             thread::spawn(move || {
                 for stream in listener.incoming() {
                     match stream {
                         Ok(stream) => {
                             let name = name.clone();
-                            thread::spawn(move || handle(stream, &name));
+                            thread::spawn(move || handle(stream, &name, http11));
                         }
                         Err(e) => eprintln!("ngpeer: accept: {e}"),
                     }
@@ -175,8 +186,9 @@ fn serve(opts: &ServeOpts) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads one request (a line, everything up to EOF, or an HTTP request head) and answers it.
-fn handle(mut stream: TcpStream, name: &str) {
+/// Reads one request (a line, everything up to EOF, or an HTTP request head) and answers it
+/// (HTTP with `http11`: every request of the connection).
+fn handle(mut stream: TcpStream, name: &str, http11: bool) {
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
@@ -210,30 +222,13 @@ fn handle(mut stream: TcpStream, name: &str) {
             }
         }
     }
+    if http11 && error.is_none() && is_http(&buf) {
+        serve_http11(stream, buf, name, &peer, &local);
+        return;
+    }
     let read = String::from_utf8_lossy(&buf).into_owned();
     let written = if is_http(&buf) {
-        let size = http_bytes_path(&read);
-        let head = |len: usize, content_type: &str| {
-            format!(
-                "HTTP/1.0 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
-            )
-        };
-        if let Some(len) = size {
-            stream
-                .write_all(head(len, "text/plain").as_bytes())
-                .and_then(|()| write_pattern(&mut stream, len))
-        } else {
-            let (body, content_type) = match http_echo(&read, name) {
-                Some(echo) => (echo, "application/json"),
-                None => (format!("hello from {name}"), "text/plain"),
-            };
-            let head = head(body.len(), content_type);
-            if read.starts_with("HEAD ") {
-                stream.write_all(head.as_bytes())
-            } else {
-                stream.write_all(format!("{head}{body}").as_bytes())
-            }
-        }
+        answer_http(&mut stream, &read, name, false)
     } else {
         stream.write_all(format!("{name}:{read}").as_bytes())
     }
@@ -248,6 +243,97 @@ fn handle(mut stream: TcpStream, name: &str) {
     });
     println!("{line}");
     // Drain until the client closes so that our close is a FIN, not an RST.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = io::copy(&mut stream, &mut io::sink());
+}
+
+/// Answers one HTTP request (`read`: its head): HTTP/1.0 and close, or HTTP/1.1 keep-alive.
+fn answer_http(stream: &mut TcpStream, read: &str, name: &str, http11: bool) -> io::Result<()> {
+    let head = |len: usize, content_type: &str| {
+        let (version, connection) = if http11 {
+            ("HTTP/1.1", "keep-alive")
+        } else {
+            ("HTTP/1.0", "close")
+        };
+        format!(
+            "{version} 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\nConnection: {connection}\r\n\r\n"
+        )
+    };
+    if let Some(len) = http_bytes_path(read) {
+        stream.write_all(head(len, "text/plain").as_bytes())?;
+        return write_pattern(stream, len);
+    }
+    let (body, content_type) = match http_echo(read, name) {
+        Some(echo) => (echo, "application/json"),
+        None => (format!("hello from {name}"), "text/plain"),
+    };
+    let head = head(body.len(), content_type);
+    if read.starts_with("HEAD ") {
+        stream.write_all(head.as_bytes())
+    } else {
+        stream.write_all(format!("{head}{body}").as_bytes())
+    }
+}
+
+/// HTTP/1.1 keep-alive: `buf` holds at least the first request head. Answers each request
+/// (its `Content-Length` body is read and dropped) until EOF, an error or `Connection: close`.
+fn serve_http11(mut stream: TcpStream, mut buf: Vec<u8>, name: &str, peer: &str, local: &str) {
+    let mut chunk = [0u8; 4096];
+    let mut fill = |stream: &mut TcpStream, buf: &mut Vec<u8>, want: &dyn Fn(&[u8]) -> bool| {
+        while !want(buf) {
+            if buf.len() >= SERVE_MAX_READ * 16 {
+                return Err("request too large".to_owned());
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) => return Err(String::new()),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    };
+    let head_end = |b: &[u8]| b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+    loop {
+        if let Err(e) = fill(&mut stream, &mut buf, &|b| head_end(b).is_some()) {
+            if !e.is_empty() {
+                eprintln!("ngpeer: {peer}: {e}");
+            }
+            break;
+        }
+        let end = head_end(&buf).unwrap_or(buf.len());
+        let read = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let header = |name: &str| {
+            read.split("\r\n").skip(1).find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_owned())
+            })
+        };
+        let length: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let body_read = fill(&mut stream, &mut buf, &|b| b.len() >= end + length);
+        let rest = buf.split_off((end + length).min(buf.len()));
+        buf = rest;
+        let written = answer_http(&mut stream, &read, name, true).and_then(|()| stream.flush());
+        println!(
+            "{}",
+            json!({
+                "event": "conn",
+                "peer": peer,
+                "local": local,
+                "read": read,
+                "error": body_read.err().filter(|e| !e.is_empty()).or_else(|| written.as_ref().err().map(ToString::to_string)),
+            })
+        );
+        if close || written.is_err() {
+            break;
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Write);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = io::copy(&mut stream, &mut io::sink());
 }

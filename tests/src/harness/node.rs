@@ -164,10 +164,20 @@ impl Place {
         self.serve_on(&[self.v4(port), self.v6(port)], name)
     }
 
+    /// `ngpeer serve --http11` on this place's v4 and v6 addresses at `port`: HTTP answered
+    /// as HTTP/1.1 with keep-alive.
+    pub fn serve_http11(&self, port: u16, name: &str) -> Result<Proc> {
+        self.serve_with(&[self.v4(port), self.v6(port)], name, &["--http11"])
+    }
+
     /// `ngpeer serve` on the given addresses.
     pub fn serve_on(&self, addrs: &[SocketAddr], name: &str) -> Result<Proc> {
+        self.serve_with(addrs, name, &[])
+    }
+
+    fn serve_with(&self, addrs: &[SocketAddr], name: &str, extra: &[&str]) -> Result<Proc> {
         let mut cmd = Command::new(self.rt.tools.require_ngpeer()?);
-        cmd.arg("serve").args(["--name", name]);
+        cmd.arg("serve").args(["--name", name]).args(extra);
         for addr in addrs {
             cmd.arg("--listen").arg(addr.to_string());
         }

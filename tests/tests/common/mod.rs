@@ -2,6 +2,8 @@
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod identity;
+
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,

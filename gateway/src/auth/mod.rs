@@ -284,6 +284,29 @@ impl Authenticator {
         self.attempt(token).map_err(|f| f.error)
     }
 
+    /// Maps claims the way a verified token of the issuer their `iss` names would be mapped,
+    /// **without any verification** (`gateway explain --claims`, a dry run). `Ok(None)` when no
+    /// configured issuer has that `iss`. Never used on the request path.
+    ///
+    /// # Errors
+    /// The claim-mapping errors of [`Identity`] (missing or mistyped user/groups claims).
+    pub fn map_unverified_claims(
+        &self,
+        claims: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Option<Identity>, AuthError> {
+        let Some(iss) = claims.get("iss").and_then(serde_json::Value::as_str) else {
+            return Ok(None);
+        };
+        let Some(issuer) = self.issuers.iter().find(|i| i.settings.issuer == iss) else {
+            return Ok(None);
+        };
+        let exp = claims
+            .get("exp")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        Identity::from_verified(&issuer.settings, claims, exp).map(Some)
+    }
+
     fn attempt(&self, token: &str) -> Result<Arc<Identity>, Failure> {
         if token.is_empty() {
             return Err(AuthError::Missing.into());

@@ -1,12 +1,16 @@
-//! The command line: `run`, `check-config`, `counters`, `status`, `detach`.
-//! Exit codes: 0 ok, 64 config or usage error (`EX_USAGE`), 1 runtime error.
+//! The command line: `run`, `check-config`, `counters`, `status`, `detach`, `explain`,
+//! `decisions`. Exit codes: 0 ok (`explain`: allow), 2 `explain`: deny, 64 config or usage
+//! error (`EX_USAGE`), 1 runtime error.
 
+mod decisions;
+mod explain;
 mod inspect;
 mod reload;
 mod run;
 mod table;
 
 use std::{
+    net::IpAddr,
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -69,6 +73,61 @@ enum Command {
         #[command(flatten)]
         pins: Pins,
     },
+    /// What the gateway would decide for one HTTP request: the decision, the deciding rule
+    /// and every rule's verdict. Exit 0 allow, 2 deny, 64 bad input.
+    Explain {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// The service (with a policy) to ask.
+        #[arg(long)]
+        service: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// The request target as sent (`/path?query`); ambiguous paths are denied as the
+        /// gateway would (400 before policy).
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        host: Option<String>,
+        /// A bearer token (a file holding the JWT, or `Bearer <jwt>`), verified with the
+        /// configured issuers' keys (JWKS files read, URLs fetched once).
+        #[arg(long, value_name = "FILE", conflicts_with = "claims")]
+        token: Option<PathBuf>,
+        /// Claims as JSON, NOT verified: a dry run of what a token with them would get.
+        #[arg(long, value_name = "JSON")]
+        claims: Option<String>,
+        /// The calling workload, `namespace/service-account`.
+        #[arg(long, value_name = "NS/SA")]
+        workload: Option<String>,
+        /// The source address (for `source_cidr` and the static workloads' addresses).
+        #[arg(long, value_name = "IP")]
+        source: Option<IpAddr>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the decision log file as a table (or its JSON lines), filtered.
+    Decisions {
+        /// The decision log file.
+        #[arg(long, short, value_name = "FILE", conflicts_with = "config")]
+        file: Option<PathBuf>,
+        /// Take the file from this config's `log.decisions_file`.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Only `deny` and `would_deny`.
+        #[arg(long)]
+        deny: bool,
+        #[arg(long)]
+        service: Option<String>,
+        /// RFC 3339 time, or an age: 90s, 10m, 1h, 2d.
+        #[arg(long, value_name = "T")]
+        since: Option<String>,
+        /// Keep reading as lines are appended.
+        #[arg(long)]
+        follow: bool,
+        /// The matching JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Where the pins are: from a config's `bpffs`, or given directly.
@@ -126,6 +185,11 @@ pub enum CliError {
     Output(#[source] std::io::Error),
     #[error("the proxy stopped unexpectedly")]
     ProxyTask(#[source] tokio::task::JoinError),
+    #[error("{0}")]
+    Input(String),
+    /// `explain` decided deny (not an error: exit code 2, the output says why).
+    #[error("denied")]
+    Denied,
 }
 
 impl CliError {
@@ -136,7 +200,8 @@ impl CliError {
 
     fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::Auth(_) => EXIT_USAGE,
+            Self::Config(_) | Self::Auth(_) | Self::Input(_) => EXIT_USAGE,
+            Self::Denied => explain::EXIT_DENY,
             _ => EXIT_RUNTIME,
         }
     }
@@ -170,6 +235,7 @@ pub fn main() -> ExitCode {
     };
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Denied) => ExitCode::from(explain::EXIT_DENY),
         Err(err) => {
             eprintln!("error: {}", error_chain(&err));
             ExitCode::from(err.exit_code())
@@ -189,6 +255,71 @@ fn dispatch(command: Command) -> Result<(), CliError> {
         Command::Counters { pins, json } => inspect::counters(&pins.dir()?, json),
         Command::Status { pins, json } => inspect::status(&pins.dir()?, json),
         Command::Detach { pins } => inspect::detach(&pins.dir()?),
+        Command::Explain {
+            config,
+            service,
+            method,
+            path,
+            host,
+            token,
+            claims,
+            workload,
+            source,
+            json,
+        } => {
+            let allowed = explain::explain(&explain::Request {
+                config: &config,
+                service: &service,
+                method: &method,
+                path: &path,
+                host: host.as_deref(),
+                token: token.as_deref(),
+                claims: claims.as_deref(),
+                workload: workload.as_deref(),
+                source,
+                json,
+            })?;
+            if allowed {
+                Ok(())
+            } else {
+                Err(CliError::Denied)
+            }
+        }
+        Command::Decisions {
+            file,
+            config,
+            deny,
+            service,
+            since,
+            follow,
+            json,
+        } => {
+            let file = match (file, config) {
+                (Some(file), _) => file,
+                (None, Some(config)) => {
+                    Config::load(&config)?.log.decisions_file.ok_or_else(|| {
+                        CliError::Input(format!(
+                            "{} has no log.decisions_file: decision lines only went to stdout",
+                            config.display()
+                        ))
+                    })?
+                }
+                (None, None) => {
+                    return Err(CliError::Input(
+                        "give --file FILE or --config FILE (its log.decisions_file)".into(),
+                    ));
+                }
+            };
+            let since = since
+                .map(|s| decisions::parse_since(&s, std::time::SystemTime::now()))
+                .transpose()?;
+            let filter = decisions::Filter {
+                deny,
+                service,
+                since,
+            };
+            decisions::show(&file, &filter, follow, json)
+        }
     }
 }
 

@@ -366,6 +366,28 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_auth_section_hands_over_a_new_authenticator_once() {
+        let mut s = setup(&text(ONE, 1000));
+        s.reloader.poll();
+        assert!(s.reloader.take_pending_auth().is_none());
+        let auth = "auth: { issuers: [ { name: t, issuer: \"http://127.0.0.1:1\", \
+                    jwks_uri: \"http://127.0.0.1:1/jwks\", audiences: [ng] } ] }\n";
+        write(&s.path, &format!("{auth}{}", text(ONE, 1000)));
+        s.reloader.poll();
+        let new = s.reloader.take_pending_auth().expect("a new authenticator");
+        assert_eq!(new.issuers().count(), 1);
+        assert!(s.reloader.take_pending_auth().is_none());
+        // An invalid auth section refuses the whole reload.
+        write(
+            &s.path,
+            &format!("{}{}", auth.replace("[ng]", "[]"), text(TWO, 1000)),
+        );
+        s.reloader.poll();
+        assert!(!resolves(&s.routes, "10.96.0.2:80"));
+        assert!(s.reloader.take_pending_auth().is_none());
+    }
+
+    #[test]
     fn a_change_that_needs_a_restart_is_refused() {
         let mut s = setup(&text(ONE, 1000));
         write(

@@ -12,6 +12,7 @@ use nodegate_tests::harness::{HttpRequest, Signing, TokenSpec, oidc};
 use serde_json::{Value, json};
 
 use common::{
+    LOG_TIMEOUT,
     identity::{
         ALT_HOST, API_HOST, Api, CLUSTER_AUDIENCE, CLUSTER_ISSUER, assert_line, assert_status, now,
     },
@@ -669,4 +670,176 @@ fn request_targets_and_hosts_that_disagree_are_rejected() {
         1,
         "only the first request reaches the backend: {reads:?}"
     );
+}
+
+#[test]
+fn ambiguous_framing_is_rejected_and_nothing_is_smuggled() {
+    let api = Api::start("idframe", |_, c| c);
+    let ops = api.machine_token("machine-ops");
+    let auth = format!("Host: {API_HOST}\r\nAuthorization: Bearer {ops}");
+    // Each request would hide a second one (`GET /admin/smuggled`) from a parser that frames
+    // the body differently from the next hop.
+    let smuggled = "GET /admin/smuggled HTTP/1.1\r\nHost: api.nodegate.test\r\n\r\n";
+    let cases = [
+        (
+            "Content-Length and Transfer-Encoding",
+            format!(
+                "POST /orders HTTP/1.1\r\n{auth}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+            "framing_cl_and_te",
+        ),
+        (
+            "two Content-Length",
+            format!(
+                "POST /orders HTTP/1.1\r\n{auth}\r\nContent-Length: 0\r\nContent-Length: {}\r\n\r\n{smuggled}",
+                smuggled.len()
+            ),
+            "framing_duplicate_content_length",
+        ),
+        (
+            "an obfuscated Transfer-Encoding",
+            format!(
+                "POST /orders HTTP/1.1\r\n{auth}\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+            "framing_transfer_encoding",
+        ),
+        (
+            "Transfer-Encoding: gzip, chunked",
+            format!(
+                "POST /orders HTTP/1.1\r\n{auth}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+            "framing_transfer_encoding",
+        ),
+        (
+            "a bare LF in the head",
+            format!("GET /orders HTTP/1.1\r\n{auth}\nX-Hidden: 1\r\n\r\n"),
+            "framing_bare_lf",
+        ),
+    ];
+    for (what, text, reason) in &cases {
+        let head = text.strip_suffix("\r\n\r\n").unwrap_or(text);
+        let (status, reply, line) = api.raw(head);
+        assert_eq!(status, 400, "{what}: {reply}");
+        assert_line(&line, "deny", reason, None);
+    }
+    let reads = api.backend_reads();
+    assert!(
+        reads.is_empty(),
+        "a request with ambiguous framing reached the backend: {reads:?}"
+    );
+}
+
+#[test]
+fn a_cached_token_that_expires_on_an_open_connection_is_denied() {
+    // No leeway: the token is refused as soon as its `exp` passes, although it was verified
+    // (and cached) a moment before on the same connection.
+    let api = Api::start_http11("idexp", |_, mut c| {
+        let mut auth = c.auth.clone().expect("auth");
+        auth["issuers"][0]["leeway_s"] = json!(0);
+        c.auth = Some(auth);
+        c
+    });
+    let kid = api.idp.current_kid().expect("kid");
+    let now = now();
+    let token = api
+        .idp
+        .mint(&[TokenSpec::rs256(
+            &kid,
+            json!({
+                "iss": api.idp.issuer(), "sub": "machine-ops", "aud": api.idp.audience(),
+                "iat": now, "exp": now + 3, "groups": ["ops"], "team": "payments",
+            }),
+        )])
+        .expect("mint");
+    let requests = [
+        api.get("/orders/1").bearer(&token[0]),
+        api.get("/orders/2").bearer(&token[0]),
+        api.get("/orders/3")
+            .bearer(&token[0])
+            .after(Duration::from_secs(4)),
+    ];
+    let replies = api
+        .a()
+        .h1_paced(&requests)
+        .unwrap_or_else(|e| panic!("three paced requests: {e}"));
+    assert_status(&replies[0], 200, "fresh token");
+    assert_status(&replies[1], 200, "fresh token again (cached)");
+    assert_status(
+        &replies[2],
+        401,
+        "the same token after its exp, same connection",
+    );
+    assert_eq!(
+        replies.iter().map(|r| r.num_connects).collect::<Vec<_>>(),
+        [1, 0, 0],
+        "not one connection: {replies:?}"
+    );
+    let lines = api.request_lines(&replies[0], 3, &requests[0]);
+    let by_path = |p: &str| {
+        lines
+            .iter()
+            .find(|l| s(l, "path") == p)
+            .unwrap_or_else(|| panic!("no line for {p}: {lines:?}"))
+    };
+    assert_line(
+        by_path("/orders/2"),
+        "allow",
+        "allowed_by_rule",
+        Some("ops-team"),
+    );
+    assert_line(by_path("/orders/3"), "deny", "token_expired", None);
+}
+
+#[test]
+fn a_policy_reload_applies_to_the_next_request_of_an_open_connection() {
+    let mut api = Api::start_http11("idreload", |_, c| c);
+    let ops = api.machine_token("machine-ops");
+    let requests = [
+        api.get("/orders/1").bearer(&ops),
+        api.get("/orders/2")
+            .bearer(&ops)
+            .after(Duration::from_secs(3)),
+    ];
+    let client = {
+        let a = api.a().clone();
+        let requests = requests.clone();
+        std::thread::spawn(move || a.h1_paced(&requests))
+    };
+    // While the client waits: ops loses its allow rule.
+    api.gw
+        .wait_decision("the first request", Duration::from_secs(5), |d| {
+            s(d, "kind") == "request" && s(d, "path") == "/orders/1"
+        })
+        .expect("first request");
+    let mut config = api.gw.config().clone();
+    config.services[0].policy = Some(json!({
+        "allow": [{"id": "guests-only", "when": {"groups": "guests"}}],
+    }));
+    api.gw.reload(config).expect("reload");
+    nodegate_tests::harness::poll_until("the reload", Duration::from_secs(2), || {
+        let metrics = api.gw.metrics()?;
+        Ok(nodegate_tests::harness::metric_value(
+            &metrics,
+            r#"nodegate_config_reloads_total{result="ok"}"#,
+        )
+        .filter(|n| *n >= 1.0))
+    })
+    .unwrap_or_else(|e| panic!("{e}; stderr:\n{}", api.gw.stderr()));
+    let replies = client
+        .join()
+        .expect("client thread")
+        .unwrap_or_else(|e| panic!("two paced requests: {e}"));
+    assert_status(&replies[0], 200, "before the reload");
+    assert_status(&replies[1], 403, "after the reload, same connection");
+    assert_eq!(
+        replies[1].num_connects, 0,
+        "the reload dropped the connection: {replies:?}"
+    );
+    let line = api
+        .gw
+        .wait_decision("the second request", LOG_TIMEOUT, |d| {
+            s(d, "kind") == "request" && s(d, "path") == "/orders/2"
+        })
+        .expect("second request");
+    assert_line(&line, "deny", "no_rule_matched", None);
 }

@@ -30,8 +30,11 @@ pub struct HttpRequest {
     pub body: Option<String>,
     /// Send the path exactly as written (`--path-as-is`: no `..` squashing by curl).
     pub path_as_is: bool,
-    /// More curl options for this request (`--http2-prior-knowledge`, `--request-target X`).
+    /// More curl options for this request (`--request-target X`); curl requests only.
     pub curl_args: Vec<String>,
+    /// Wait this long before sending it, the connection kept open ([`Place::h1_paced`] and
+    /// [`Place::h2c`] only: curl cannot pause between transfers).
+    pub delay: Option<Duration>,
 }
 
 impl HttpRequest {
@@ -43,6 +46,7 @@ impl HttpRequest {
             body: None,
             path_as_is: true,
             curl_args: Vec::new(),
+            delay: None,
         }
     }
 
@@ -75,6 +79,13 @@ impl HttpRequest {
     #[must_use]
     pub fn curl_args(mut self, args: &[&str]) -> Self {
         self.curl_args.extend(args.iter().map(|&a| a.to_owned()));
+        self
+    }
+
+    /// Sends it only `delay` after the previous reply, on the same connection.
+    #[must_use]
+    pub fn after(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
         self
     }
 
@@ -134,6 +145,12 @@ impl Place {
     /// Sends `requests` in order with one curl (`--next` between them), which keeps the
     /// connection open across them when the server allows: check `num_connects`.
     pub fn http_keepalive(&self, requests: &[HttpRequest]) -> Result<Vec<HttpReply>> {
+        if let Some(r) = requests.iter().find(|r| r.delay.is_some()) {
+            return Err(Error::Parse {
+                what: describe(r),
+                detail: "curl cannot pause between requests: use Place::h1_paced".into(),
+            });
+        }
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let base = self.dir().join(format!("curl-{}-{seq}", self.name));
         let mut cmd = Command::new("curl");
@@ -199,26 +216,42 @@ impl Place {
 
 impl Place {
     /// Sends `requests` over one HTTP/2 prior-knowledge (h2c) connection, one after the other
-    /// (`node tests/oidc/h2c.mjs`: curl 7.88 cannot reuse an h2c connection). The first reply
-    /// has `num_connects` 1, the others 0; `curl_args` and `path_as_is` do not apply.
+    /// (`node tests/oidc/requests.mjs`: curl 7.88 cannot reuse an h2c connection), each after
+    /// its `delay`. `curl_args` and `path_as_is` do not apply.
     pub fn h2c(&self, requests: &[HttpRequest]) -> Result<Vec<HttpReply>> {
+        self.node_requests("h2c", requests)
+    }
+
+    /// Sends `requests` over one HTTP/1.1 keep-alive connection (node's agent), each after its
+    /// `delay`: the connection stays open while the test does something in between.
+    /// `num_connects` is 0 for a request that reused the connection.
+    pub fn h1_paced(&self, requests: &[HttpRequest]) -> Result<Vec<HttpReply>> {
+        self.node_requests("h1", requests)
+    }
+
+    fn node_requests(&self, protocol: &str, requests: &[HttpRequest]) -> Result<Vec<HttpReply>> {
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-        let file = self.dir().join(format!("h2c-{}-{seq}.json", self.name));
+        let file = self
+            .dir()
+            .join(format!("{protocol}-{}-{seq}.json", self.name));
         let list: Vec<Value> = requests
             .iter()
             .map(|r| {
                 serde_json::json!({
                     "method": r.method, "url": r.url, "headers": r.headers, "body": r.body,
+                    "delay_ms": r.delay.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                 })
             })
             .collect();
         fs::write(&file, Value::from(list).to_string())
             .map_err(super::io_err(format!("write {}", file.display())))?;
-        let script = super::oidc::oidc_dir().join("h2c.mjs");
+        let script = super::oidc::oidc_dir().join("requests.mjs");
         let mut cmd = Command::new("node");
-        cmd.arg(&script).arg(&file);
-        let timeout =
-            CURL_MAX_TIME * u32::try_from(requests.len()).unwrap_or(1) + Duration::from_secs(5);
+        cmd.arg(&script).arg(protocol).arg(&file);
+        let delays: Duration = requests.iter().filter_map(|r| r.delay).sum();
+        let timeout = CURL_MAX_TIME * u32::try_from(requests.len()).unwrap_or(1)
+            + delays
+            + Duration::from_secs(5);
         let out = self.run(cmd, timeout)?;
         let _ = fs::remove_file(&file);
         let results = out.json()?;
@@ -230,8 +263,7 @@ impl Place {
         };
         Ok(results
             .iter()
-            .enumerate()
-            .map(|(i, r)| HttpReply {
+            .map(|r| HttpReply {
                 status: r["status"]
                     .as_u64()
                     .and_then(|c| u16::try_from(c).ok())
@@ -239,7 +271,7 @@ impl Place {
                 headers: serde_json::from_value(r["headers"].clone()).unwrap_or_default(),
                 body: r["body"].as_str().unwrap_or_default().to_owned(),
                 local: r["local"].as_str().and_then(|l| l.parse().ok()),
-                num_connects: u64::from(i == 0),
+                num_connects: u64::from(!r["reused"].as_bool().unwrap_or(false)),
                 error: r["error"].as_str().map(str::to_owned),
             })
             .collect())

@@ -148,8 +148,11 @@ fn embedded_default_and_example_parse() {
     assert!(c.services.is_empty());
     let example =
         Config::parse(include_str!("../../config/example.yaml"), Origin::Embedded).unwrap();
-    assert_eq!(example.services.len(), 2);
+    assert_eq!(example.services.len(), 3);
     assert_eq!(example.services[1].mode, Mode::Audit);
+    assert!(example.services[2].http.is_some());
+    assert_eq!(example.auth.issuers.len(), 2);
+    assert_eq!(example.workloads.len(), 1);
 }
 
 /// Each bad config and a fragment its message must contain (the field path and the value).

@@ -135,19 +135,22 @@ pub(super) fn explain(req: &Request<'_>) -> Result<bool, CliError> {
                 .reason
                 .as_str()
                 .clone_into(&mut out.reason);
-            if let Some(reason) = auth_refusal {
-                // A refused token denies whatever the rules say.
+            // The gateway's order: Host (421) before authentication, a refused token (401)
+            // before the rules.
+            if !http.serves_host(req.host) {
+                "host_not_served".clone_into(&mut out.reason);
+                out.rule = None;
+                out.notes.push(format!(
+                    "host {:?} is not in http.hosts: the gateway answers 421 before policy",
+                    req.host.unwrap_or_default()
+                ));
+                false
+            } else if let Some(reason) = auth_refusal {
                 reason.clone_into(&mut out.reason);
                 out.rule = None;
                 false
             } else {
-                if !http.serves_host(req.host) {
-                    out.notes.push(format!(
-                        "host {:?} is not in http.hosts: the gateway answers 421",
-                        req.host.unwrap_or_default()
-                    ));
-                }
-                explanation.decision.verdict == Verdict::Allow && http.serves_host(req.host)
+                explanation.decision.verdict == Verdict::Allow
             }
         }
     };

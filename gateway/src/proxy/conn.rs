@@ -94,7 +94,7 @@ pub(super) async fn handle(
             Detected::Http1 => Protocol::Http1,
             Detected::Http2 => Protocol::Http2,
             Detected::Tls => {
-                tracing::debug!(%peer, service = %route.service.name, "TLS client hello: passed through under the L4 rule");
+                line.sni = detect::peek_sni(&client).await;
                 return forward_l4(client, &shared, &routes, route, line, started, abort).await;
             }
             Detected::Closed => return,

@@ -312,6 +312,18 @@ impl<IO> FramingGuard<IO> {
     }
 }
 
+/// Follows a whole client byte stream; the first refusal, if any (fuzzing, tests).
+pub fn check_stream(bytes: &[u8]) -> Result<(), FramingError> {
+    let mut guard = FramingGuard::new((), Arc::new(Mutex::new(None::<Refused>)));
+    match guard.scan(bytes) {
+        (n, Some(r)) => {
+            debug_assert!(n <= bytes.len());
+            Err(r.error.unwrap_or(FramingError::Chunk))
+        }
+        (_, None) => Ok(()),
+    }
+}
+
 fn refused(error: FramingError) -> Refused {
     Refused {
         error: Some(error),

@@ -833,6 +833,9 @@ impl Forward<'_> {
                         .then(|| hyper::upgrade::on(&mut resp));
                     let switching = upstream_upgrade.is_some() && client_upgrade.is_some();
                     headers::strip_hop_by_hop(resp.headers_mut(), switching);
+                    // The upstream's HTTP version is hop-by-hop too (an HTTP/1.0 backend must not
+                    // end the client's keep-alive): the gateway answers in its own (RFC 9110 §6.2).
+                    *resp.version_mut() = Version::HTTP_11;
                     if let Ok(id) = HeaderValue::from_str(self.request_id) {
                         resp.headers_mut().insert(X_REQUEST_ID, id);
                     }

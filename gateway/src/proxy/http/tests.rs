@@ -765,3 +765,85 @@ async fn reload_swaps_the_policy_for_open_connections() {
     let lines = p.requests(2).await;
     assert_ne!(lines[0]["policy_version"], lines[1]["policy_version"]);
 }
+
+#[tokio::test]
+async fn tls_passes_through_under_the_l4_rule_with_its_sni_logged() {
+    // A TCP echo "backend": TLS is not terminated, so the bytes arrive as sent.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let hello = crate::proxy::detect::tests::hello("web.example.test");
+    for (sources, passes) in [("[127.0.0.0/8]", true), ("[]", false)] {
+        let cfg = config(echo, &format!("    allow_sources: {sources}\n"));
+        let p = Proxy::start(&cfg).await;
+        let mut s = p.tcp().await;
+        s.write_all(&hello).await.unwrap();
+        let mut back = vec![0u8; hello.len()];
+        let got = tokio::time::timeout(TIMEOUT, s.read_exact(&mut back))
+            .await
+            .unwrap();
+        assert_eq!(got.is_ok(), passes, "allow_sources {sources}");
+        drop(s);
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        let line = loop {
+            let lines = p.captured.lines();
+            if let Some(l) = lines.iter().find(|l| l["kind"] == "connection") {
+                break l.clone();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{lines:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(line["sni"], "web.example.test", "{line}");
+        let want = if passes { "allow" } else { "deny" };
+        assert_eq!(line["decision"], want, "{line}");
+        assert!(p.requests(0).await.is_empty(), "no request lines for TLS");
+    }
+}
+
+#[tokio::test]
+async fn an_http10_backend_does_not_end_the_clients_keep_alive() {
+    // Answers `HTTP/1.0` + `Connection: close` and closes: hop-by-hop, between gateway and backend.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.0 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    let cfg = config(backend, "");
+    let p = Proxy::start(&cfg).await;
+    let mut c = p.h1().await;
+    for _ in 0..2 {
+        client_ok(&mut c).await;
+    }
+    let lines = p.requests(2).await;
+    assert_eq!(lines[0]["src"], lines[1]["src"], "one client connection");
+}
+
+async fn client_ok(c: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>) {
+    c.ready()
+        .await
+        .expect("the client connection is still open");
+    let resp = c
+        .send_request(get("/public/x").body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), Version::HTTP_11);
+    assert!(!resp.headers().contains_key("connection"));
+}

@@ -25,6 +25,8 @@ pub type LoginFuture = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>
 /// Paths on every protected host that belong to the gateway, not the backend.
 pub const CALLBACK_PATH: &str = "/.nodegate/callback";
 pub const LOGOUT_PATH: &str = "/.nodegate/logout";
+/// Starts a login explicitly (`?rd=<same-origin path>`).
+pub const LOGIN_PATH: &str = "/.nodegate/login";
 /// Prefix of the reserved paths: never forwarded.
 pub const RESERVED_PREFIX: &str = "/.nodegate/";
 
@@ -46,8 +48,9 @@ pub trait LoginFlow: Send + Sync + 'static {
     /// normally a 302 to the identity provider.
     fn start(&self, service: &str, host: &str, target: &str) -> Response<ProxyBody>;
 
-    /// Serves [`CALLBACK_PATH`] and [`LOGOUT_PATH`] (any other path under
-    /// [`RESERVED_PREFIX`] is answered 404 by the proxy).
+    /// Serves every path under [`RESERVED_PREFIX`] of a service with `login: true`:
+    /// [`CALLBACK_PATH`], [`LOGOUT_PATH`], [`LOGIN_PATH`], and a 404 for anything else. Without
+    /// a login module (or for a service without `login`), the proxy answers 404 itself.
     fn reserved(&self, service: &str, host: &str, req: Request<Incoming>) -> LoginFuture;
 }
 

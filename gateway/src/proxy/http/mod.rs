@@ -754,11 +754,17 @@ async fn reserved(
     let what = match path.as_str() {
         authn::CALLBACK_PATH => "login_callback",
         authn::LOGOUT_PATH => "login_logout",
-        _ => "",
+        authn::LOGIN_PATH => "login_start",
+        _ => "reserved_path",
     };
     match login {
-        Some(login) if !what.is_empty() => {
-            line.decision = Decision::Allow;
+        Some(login) => {
+            // The login module answers unknown reserved paths (404) itself.
+            line.decision = if what == "reserved_path" {
+                Decision::Deny
+            } else {
+                Decision::Allow
+            };
             line.reason = what;
             login.reserved(service, host.unwrap_or_default(), req).await
         }

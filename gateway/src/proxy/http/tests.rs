@@ -141,13 +141,18 @@ struct Proxy {
 impl Proxy {
     /// On a current-thread runtime (the capturing subscriber is per thread).
     async fn start(config: &Config) -> Self {
+        Self::start_with(config, None).await
+    }
+
+    async fn start_with(config: &Config, login: Option<Arc<dyn LoginFlow>>) -> Self {
         let captured = Captured::default();
         let guard = captured.install();
         let listeners = bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
         let addr = listeners[0].local_addr().unwrap();
         let orig = Arc::new(FakeOrig::default());
         let routes = Routes::shared(config);
-        let http = context(config, routes.clone());
+        let mut http = context(config, routes.clone());
+        http.login = login;
         for report in http.auth.load().load_keys().await {
             report.result.unwrap();
         }
@@ -846,4 +851,98 @@ async fn client_ok(c: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>)
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.version(), Version::HTTP_11);
     assert!(!resp.headers().contains_key("connection"));
+}
+
+/// A stand-in for the login module: a session cookie `ng_session=alice`, a 302 to start a
+/// login, and a 200 for the reserved paths.
+struct FakeLogin;
+
+impl LoginFlow for FakeLogin {
+    fn session(
+        &self,
+        _service: &str,
+        headers: &hyper::HeaderMap,
+    ) -> Result<Option<Arc<Identity>>, &'static str> {
+        let Some(cookie) = headers.get(header::COOKIE) else {
+            return Ok(None);
+        };
+        if cookie != "ng_session=alice" {
+            return Err("session_invalid");
+        }
+        let mut id = Identity::anonymous();
+        id.kind = crate::auth::IdentityKind::User;
+        id.subject = "alice".into();
+        id.groups = vec!["devs".into()];
+        id.issuer = ISSUER.into();
+        Ok(Some(Arc::new(id)))
+    }
+
+    fn start(&self, _service: &str, host: &str, target: &str) -> Response<ProxyBody> {
+        Response::builder()
+            .status(302)
+            .header(
+                "location",
+                format!("https://idp.test/authorize?rd=//{host}{target}"),
+            )
+            .body(response::full(Bytes::new()))
+            .unwrap()
+    }
+
+    fn reserved(&self, _service: &str, _host: &str, req: Request<Incoming>) -> authn::LoginFuture {
+        let path = req.uri().path().to_owned();
+        Box::pin(async move {
+            let status = if path == authn::CALLBACK_PATH {
+                200
+            } else {
+                404
+            };
+            Response::builder()
+                .status(status)
+                .body(response::full(path))
+                .unwrap()
+        })
+    }
+}
+
+#[tokio::test]
+async fn the_login_seam_session_redirect_and_reserved_paths() {
+    let cfg = config(backend().await, "    http: { login: true }\n");
+    let p = Proxy::start_with(&cfg, Some(Arc::new(FakeLogin))).await;
+    let mut c = p.h1().await;
+    let (status, headers, _) = send(&mut c, get("/app?x=1").header("accept", "text/html")).await;
+    assert_eq!(status, 302);
+    assert_eq!(
+        headers["location"],
+        "https://idp.test/authorize?rd=//web.example.test/app?x=1"
+    );
+    // An API client still gets a 401.
+    assert_eq!(send(&mut c, get("/app")).await.0, 401);
+    let (status, _, echo) = send(&mut c, get("/app").header("cookie", "ng_session=alice")).await;
+    assert_eq!(status, 200, "{echo}");
+    // A refused session is a fresh login for a browser, never the identity.
+    let (status, _, _) = send(
+        &mut c,
+        get("/app")
+            .header("cookie", "ng_session=mallory")
+            .header("accept", "text/html"),
+    )
+    .await;
+    assert_eq!(status, 302);
+    assert_eq!(send(&mut c, get("/.nodegate/callback?code=x")).await.0, 200);
+    assert_eq!(send(&mut c, get("/.nodegate/other")).await.0, 404);
+    let lines = p.requests(6).await;
+    assert_eq!(lines[2]["identity"]["subject"], "alice");
+    assert_eq!(lines[4]["reason"], "login_callback");
+    assert_eq!(lines[4]["decision"], "allow");
+    assert_eq!(lines[5]["decision"], "deny");
+}
+
+#[tokio::test]
+async fn reserved_paths_are_never_forwarded_without_login() {
+    let cfg = config(backend().await, "");
+    let p = Proxy::start(&cfg).await;
+    let mut c = p.h1().await;
+    let (status, _, body) = send(&mut c, get("/.nodegate/callback?code=x")).await;
+    assert_eq!(status, 404);
+    assert_eq!(body["reason"], "reserved_path");
 }

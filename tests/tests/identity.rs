@@ -843,3 +843,26 @@ fn a_policy_reload_applies_to_the_next_request_of_an_open_connection() {
         .expect("second request");
     assert_line(&line, "deny", "no_rule_matched", None);
 }
+
+#[test]
+fn an_http10_backend_does_not_end_the_clients_keep_alive() {
+    // ngpeer answers `HTTP/1.0 200 OK` + `Connection: close`: hop-by-hop, between the gateway and
+    // the backend. The client's connection to the gateway is HTTP/1.1 and stays open (RFC 9110
+    // §6.2: an intermediary sends its own HTTP version).
+    let api = Api::start("idhttp10", |_, c| c);
+    let ops = api.machine_token("machine-ops");
+    let requests = [
+        api.get("/orders/1").bearer(&ops),
+        api.get("/orders/2").bearer(&ops),
+    ];
+    let replies = api
+        .a()
+        .http_keepalive(&requests)
+        .unwrap_or_else(|e| panic!("two requests on one connection: {e}"));
+    assert_status(&replies[0], 200, "first request");
+    assert_status(&replies[1], 200, "second request");
+    assert_eq!(
+        replies[1].num_connects, 0,
+        "the gateway closed the client's connection after an HTTP/1.0 upstream response: {replies:?}"
+    );
+}

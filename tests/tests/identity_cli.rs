@@ -220,3 +220,45 @@ fn decisions_reads_back_the_denied_requests() {
     assert_eq!(ids(&["--service", "other"]), Vec::<String>::new());
     assert!(ids(&["--since", "1h"]).contains(&denied));
 }
+
+#[test]
+fn explain_without_a_served_host_reports_the_host_refusal() {
+    // The gateway answers 421 `host_not_served` for a Host not in http.hosts (none given counts),
+    // before policy: explain says so, not the policy's verdict (it used to print DENY with
+    // `allowed_by_rule` / `ops-team`).
+    let api = Api::start("idexhost", |_, c| c);
+    let ops = api.machine_token("machine-ops");
+    let file = api.node.dir().join("ops.token");
+    std::fs::write(&file, &ops).expect("write token");
+    let config = api.gw.config_path().to_string_lossy().into_owned();
+    let file = file.to_string_lossy().into_owned();
+    for host in [None, Some("evil.example")] {
+        let mut args = vec![
+            "explain",
+            "--config",
+            &config,
+            "--service",
+            "api",
+            "--path",
+            "/orders",
+            "--token",
+            &file,
+            "--json",
+        ];
+        if let Some(h) = host {
+            args.extend(["--host", h]);
+        }
+        let out = gateway_cli(&api, &args);
+        let v: Value = out
+            .json()
+            .unwrap_or_else(|e| panic!("explain host {host:?}: {e}"));
+        assert_eq!(out.code(), Some(2), "host {host:?}: {out:?}");
+        assert_eq!(s(&v, "decision"), "deny", "host {host:?}: {v}");
+        assert_eq!(
+            s(&v, "reason"),
+            "host_not_served",
+            "host {host:?}: a deny must carry the reason of the deny: {v}"
+        );
+        assert!(v["rule"].is_null(), "host {host:?}: {v}");
+    }
+}

@@ -747,7 +747,7 @@ fn a_cached_token_that_expires_on_an_open_connection_is_denied() {
             &kid,
             json!({
                 "iss": api.idp.issuer(), "sub": "machine-ops", "aud": api.idp.audience(),
-                "iat": now, "exp": now + 3, "groups": ["ops"], "team": "payments",
+                "iat": now, "exp": now + 5, "groups": ["ops"], "team": "payments",
             }),
         )])
         .expect("mint");
@@ -756,7 +756,7 @@ fn a_cached_token_that_expires_on_an_open_connection_is_denied() {
         api.get("/orders/2").bearer(&token[0]),
         api.get("/orders/3")
             .bearer(&token[0])
-            .after(Duration::from_secs(4)),
+            .after(Duration::from_secs(6)),
     ];
     let replies = api
         .a()
@@ -798,7 +798,7 @@ fn a_policy_reload_applies_to_the_next_request_of_an_open_connection() {
         api.get("/orders/1").bearer(&ops),
         api.get("/orders/2")
             .bearer(&ops)
-            .after(Duration::from_secs(3)),
+            .after(Duration::from_secs(5)),
     ];
     let client = {
         let a = api.a().clone();
@@ -816,7 +816,7 @@ fn a_policy_reload_applies_to_the_next_request_of_an_open_connection() {
         "allow": [{"id": "guests-only", "when": {"groups": "guests"}}],
     }));
     api.gw.reload(config).expect("reload");
-    nodegate_tests::harness::poll_until("the reload", Duration::from_secs(2), || {
+    nodegate_tests::harness::poll_until("the reload", Duration::from_secs(4), || {
         let metrics = api.gw.metrics()?;
         Ok(nodegate_tests::harness::metric_value(
             &metrics,

@@ -40,6 +40,7 @@ pub(super) async fn handle(
     client: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    draining: watch::Receiver<bool>,
     abort: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
@@ -114,7 +115,16 @@ pub(super) async fn handle(
             line.duration = started.elapsed();
             line.emit(&shared.metrics);
         }
-        http::serve(client, peer, orig, protocol, shared.clone(), abort).await;
+        http::serve(
+            client,
+            peer,
+            orig,
+            protocol,
+            shared.clone(),
+            draining,
+            abort,
+        )
+        .await;
         return;
     }
     forward_l4(client, &shared, &routes, route, line, started, abort).await;

@@ -147,6 +147,7 @@ pub async fn serve(
             listener,
             shared.clone(),
             open_tx.clone(),
+            shutdown.clone(),
             abort_rx.clone(),
         ));
     }
@@ -184,6 +185,7 @@ async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     open: mpsc::Sender<()>,
+    draining: watch::Receiver<bool>,
     abort: watch::Receiver<bool>,
 ) -> io::Result<()> {
     loop {
@@ -191,9 +193,10 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 let shared = shared.clone();
                 let open = open.clone();
+                let draining = draining.clone();
                 let abort = abort.clone();
                 tokio::spawn(async move {
-                    conn::handle(stream, peer, shared, abort).await;
+                    conn::handle(stream, peer, shared, draining, abort).await;
                     drop(open);
                 });
             }

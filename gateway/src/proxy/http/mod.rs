@@ -145,14 +145,16 @@ impl Drop for InFlight {
     }
 }
 
-/// Serves one redirected connection to an HTTP service until it closes (or the proxy shuts
-/// down: in-flight requests get [`CLOSE_GRACE`]).
+/// Serves one redirected connection to an HTTP service until it closes. When the proxy starts
+/// draining, hyper finishes the requests in flight and closes the connection (idle keep-alive
+/// connections at once); at the drain timeout (`abort`) it gets [`CLOSE_GRACE`] more.
 pub(super) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     orig: OrigDst,
     protocol: Protocol,
     shared: Arc<Shared>,
+    mut draining: watch::Receiver<bool>,
     mut abort: watch::Receiver<bool>,
 ) {
     let conn = Arc::new(Conn {
@@ -169,9 +171,16 @@ pub(super) async fn serve(
             async move { Ok::<_, std::convert::Infallible>(handle(&conn, req).await) }
         })
     };
+    // Draining or aborted: either way hyper is asked to shut down gracefully, and the abort
+    // bounds how long that may take.
     let aborted = async move {
-        if abort.wait_for(|a| *a).await.is_err() {
-            std::future::pending::<()>().await;
+        let drain = async { draining.wait_for(|d| *d).await.is_ok() };
+        let abort = async { abort.wait_for(|a| *a).await.is_ok() };
+        tokio::select! {
+            true = drain => {}
+            true = abort => {}
+            // Both senders gone: nobody will ever stop this connection.
+            else => std::future::pending::<()>().await,
         }
     };
     match protocol {

@@ -134,7 +134,8 @@ struct Proxy {
     orig: Arc<FakeOrig>,
     shared: Arc<Shared>,
     captured: Captured,
-    _shutdown: watch::Sender<bool>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), crate::proxy::ProxyError>>,
     _guard: tracing::subscriber::DefaultGuard,
 }
 
@@ -165,13 +166,14 @@ impl Proxy {
             http,
         });
         let (shutdown, rx) = watch::channel(false);
-        tokio::spawn(crate::proxy::serve(listeners, shared.clone(), rx, TIMEOUT));
+        let task = tokio::spawn(crate::proxy::serve(listeners, shared.clone(), rx, TIMEOUT));
         Self {
             addr,
             orig,
             shared,
             captured,
-            _shutdown: shutdown,
+            shutdown,
+            task,
             _guard: guard,
         }
     }
@@ -945,4 +947,33 @@ async fn reserved_paths_are_never_forwarded_without_login() {
     let (status, _, body) = send(&mut c, get("/.nodegate/callback?code=x")).await;
     assert_eq!(status, 404);
     assert_eq!(body["reason"], "reserved_path");
+}
+
+#[tokio::test]
+async fn draining_closes_idle_keep_alive_connections_at_once() {
+    let cfg = config(backend().await, "");
+    let p = Proxy::start(&cfg).await;
+    let mut c = p.h1().await;
+    assert_eq!(send(&mut c, get("/public/x")).await.0, 200);
+    let started = tokio::time::Instant::now();
+    p.shutdown.send(true).unwrap();
+    let served = tokio::time::timeout(TIMEOUT, p.task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(served.is_ok());
+    // Well before the 5 s drain timeout: the idle connection did not hold the drain up.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let closed = match c.ready().await {
+        Err(_) => true,
+        Ok(()) => c
+            .send_request(get("/public/x").body(Full::new(Bytes::new())).unwrap())
+            .await
+            .is_err(),
+    };
+    assert!(closed, "the idle connection is still open");
 }

@@ -29,6 +29,21 @@ impl MapSync for Datapath {
     }
 }
 
+/// One line per HTTP service: the policy version its requests are logged under.
+pub(super) fn log_policies(config: &Config) {
+    for s in &config.services {
+        if let Some(http) = &s.http {
+            tracing::info!(
+                service = %s.name,
+                policy_version = %http.policy.version,
+                deny_rules = http.policy.deny_rules,
+                allow_rules = http.policy.allow_rules,
+                "policy loaded"
+            );
+        }
+    }
+}
+
 pub(super) fn log_key_load(report: &LoadReport) {
     match &report.result {
         Ok(keys) => tracing::info!(issuer = %report.issuer, keys, "issuer keys loaded"),
@@ -164,6 +179,7 @@ impl<S: MapSync> Reloader<S> {
                 self.metrics.config_reload(ReloadResult::Ok);
                 log_sync(&report, "config reloaded");
                 tracing::info!(reason = why, "{}", self.config.summary());
+                log_policies(&self.config);
             }
             Err(err) => {
                 self.metrics.config_reload(ReloadResult::Error);
@@ -385,6 +401,36 @@ mod tests {
         s.reloader.poll();
         assert!(!resolves(&s.routes, "10.96.0.2:80"));
         assert!(s.reloader.take_pending_auth().is_none());
+    }
+
+    #[test]
+    fn a_bad_policy_keeps_the_running_one_and_a_good_one_swaps_it() {
+        let policy = |groups: &str| {
+            format!(
+                "  - name: a\n    vips: [\"10.96.0.1:80\"]\n    policy: {{ allow: [ {{ id: r, when: {{ {groups} }} }} ] }}\n"
+            )
+        };
+        let mut s = setup(&text(&policy("groups: devs"), 1000));
+        let version = |routes: &SharedRoutes| {
+            let routes = routes.load();
+            let route = routes.resolve("10.96.0.1:80".parse().unwrap()).unwrap();
+            route.service.http.as_ref().unwrap().policy.version.clone()
+        };
+        let before = version(&s.routes);
+        write(&s.path, &text(&policy("grups: devs"), 1000));
+        s.reloader.poll();
+        assert_eq!(
+            version(&s.routes),
+            before,
+            "a bad policy is never half-applied"
+        );
+        assert_eq!(
+            reloads(&s.metrics),
+            "nodegate_config_reloads_total{result=\"error\"} 1"
+        );
+        write(&s.path, &text(&policy("groups: ops"), 1000));
+        s.reloader.poll();
+        assert_ne!(version(&s.routes), before);
     }
 
     #[test]

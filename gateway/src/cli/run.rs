@@ -50,6 +50,7 @@ pub(super) fn run(path: Option<&Path>) -> Result<(), CliError> {
         "effective config"
     );
     tracing::info!("{}", config.summary());
+    super::reload::log_policies(&config);
 
     // The assertion key lives as long as the process; backends fetch its JWKS from the admin port.
     let signer = Arc::new(AssertionSigner::generate(config.assertion.clone()));

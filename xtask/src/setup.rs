@@ -238,7 +238,9 @@ fn oidc_node_modules() {
     println!("  install  {OIDC_DIR}: npm ci");
     let installed = cmd::run(
         Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
+            // The npm cache first: offline, a lock whose packages were installed before still
+            // installs (npm ci removes node_modules before it downloads anything).
+            .args(["ci", "--prefer-offline", "--no-audit", "--no-fund"])
             .current_dir(&dir)
             .stdin(std::process::Stdio::null()),
     );

@@ -21,6 +21,28 @@ pub type SharedAuth = Arc<ArcSwap<Authenticator>>;
 
 /// A future returned by the login seam.
 pub type LoginFuture = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
+/// The session lookup of the login seam (async: a session may be refreshed at the `IdP`).
+pub type SessionFuture<'a> = Pin<Box<dyn Future<Output = SessionLookup> + Send + 'a>>;
+
+/// What a request's session cookie says.
+#[derive(Debug)]
+pub enum SessionLookup {
+    /// No session cookie.
+    NoSession,
+    /// A valid session; `response_headers` (e.g. a refreshed `Set-Cookie`) are appended to
+    /// whatever response the request gets.
+    Valid {
+        identity: Arc<Identity>,
+        response_headers: HeaderMap,
+    },
+    /// A session cookie that is present but refused (tampered, expired, logged out): the
+    /// request is treated as unauthenticated (a new login) and `reason` is logged;
+    /// `response_headers` may clear the cookie.
+    Refused {
+        reason: &'static str,
+        response_headers: HeaderMap,
+    },
+}
 
 /// Paths on every protected host that belong to the gateway, not the backend.
 pub const CALLBACK_PATH: &str = "/.nodegate/callback";
@@ -34,14 +56,8 @@ pub const RESERVED_PREFIX: &str = "/.nodegate/";
 /// the login module (`auth::login` / `auth::session`) and handed to the proxy when configured.
 /// Only services with `http.login: true` use it.
 pub trait LoginFlow: Send + Sync + 'static {
-    /// The identity of the request's session cookie. `Ok(None)`: no session cookie.
-    /// `Err(reason)`: a cookie that is present but refused (tampered, expired, logged out); the
-    /// request is then treated as unauthenticated (a new login) and `reason` is logged.
-    fn session(
-        &self,
-        service: &str,
-        headers: &HeaderMap,
-    ) -> Result<Option<Arc<Identity>>, &'static str>;
+    /// The session of a request without a bearer token, from its cookies.
+    fn session<'a>(&'a self, service: &'a str, headers: &'a HeaderMap) -> SessionFuture<'a>;
 
     /// The response that starts a login for a browser request to `host` + `target` (the
     /// canonical origin-form path and query) that policy denied for lack of an identity:
@@ -80,12 +96,13 @@ impl Authn {
 }
 
 /// Runs the chain on a request's headers (one `Authorization` at most: checked before).
+/// Returns the outcome and the headers the login module wants on the response.
 pub async fn authenticate(
     auth: &Authenticator,
     login: Option<&dyn LoginFlow>,
     service: &str,
     headers: &HeaderMap,
-) -> Authn {
+) -> (Authn, HeaderMap) {
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         let token = value
             .to_str()
@@ -97,33 +114,43 @@ pub async fn authenticate(
             Ok(token) => auth.authenticate(token).await,
             Err(err) => Err(err),
         };
-        return match result {
+        let authn = match result {
             Ok(identity) => Authn::Authenticated {
                 identity,
                 via: "bearer",
             },
             Err(err) => Authn::Refused(err),
         };
+        return (authn, HeaderMap::new());
     }
     if let Some(login) = login {
-        match login.session(service, headers) {
-            Ok(Some(identity)) => {
-                return Authn::Authenticated {
+        match login.session(service, headers).await {
+            SessionLookup::NoSession => {}
+            SessionLookup::Valid {
+                identity,
+                response_headers,
+            } => {
+                let authn = Authn::Authenticated {
                     identity,
                     via: "session",
                 };
+                return (authn, response_headers);
             }
-            Ok(None) => {}
-            Err(reason) => {
-                return Authn::Anonymous {
+            SessionLookup::Refused {
+                reason,
+                response_headers,
+            } => {
+                let authn = Authn::Anonymous {
                     session_refused: Some(reason),
                 };
+                return (authn, response_headers);
             }
         }
     }
-    Authn::Anonymous {
+    let authn = Authn::Anonymous {
         session_refused: None,
-    }
+    };
+    (authn, HeaderMap::new())
 }
 
 /// The policy's view of an authenticated identity (or anonymous).

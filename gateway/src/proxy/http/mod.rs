@@ -597,7 +597,8 @@ async fn process(
     }
 
     let auth = ctx.auth.load_full();
-    let authn = authn::authenticate(&auth, login, &service.name, req.headers()).await;
+    let (authn, session_headers) =
+        authn::authenticate(&auth, login, &service.name, req.headers()).await;
     let identity = authn.identity();
     log_identity(line, identity);
     if let Authn::Anonymous {
@@ -607,131 +608,147 @@ async fn process(
         tracing::debug!(peer = %conn.peer, reason, "session cookie refused");
     }
 
-    // The workload: a verified ServiceAccount token names it; else the source the kernel saw.
-    let kernel_workload = routes
-        .workloads
-        .lookup(Some(conn.orig.cgroup_id), conn.peer.ip());
-    let token_workload = identity.and_then(|i| i.workload.as_ref());
-    let policy_workload = match (token_workload, kernel_workload) {
-        (Some(w), k) => {
-            line.workload = Some(WorkloadLog {
-                namespace: w.namespace.clone(),
-                service_account: w.service_account.clone(),
-                pod: w.pod.clone(),
-                from: "token",
-            });
-            Some(crate::policy::Workload {
-                namespace: w.namespace.clone(),
-                service_account: w.service_account.clone(),
-                // Labels are only known for the pod the kernel saw, when it is the same one.
-                labels: k
-                    .filter(|k| {
-                        k.policy.namespace == w.namespace
-                            && k.policy.service_account == w.service_account
-                    })
-                    .map(|k| k.policy.labels.clone())
-                    .unwrap_or_default(),
-            })
-        }
-        (None, Some(k)) => {
-            line.workload = Some(WorkloadLog {
-                namespace: k.config.namespace.clone(),
-                service_account: k.config.service_account.clone(),
-                pod: k.config.pod.clone(),
-                from: "source",
-            });
-            Some(k.policy.clone())
-        }
-        (None, None) => None,
-    };
-
-    let policy_identity = authn::policy_identity(identity);
-    let decision = http.policy.compiled.evaluate(&RequestContext {
-        identity: &policy_identity,
-        workload: policy_workload.as_ref(),
-        source_ip: Some(conn.peer.ip()),
-        method: req.method().as_str(),
-        host: host.as_deref(),
-        path: &path,
-        now: now_unix(),
-    });
-    line.rule.clone_from(&decision.rule_id);
-    line.reason = decision.reason.as_str();
-    let denied = match &authn {
-        Authn::Refused(err) => {
-            line.reason = err.reason();
-            line.rule = None;
-            Some((StatusCode::UNAUTHORIZED, err.reason()))
-        }
-        _ if decision.verdict == Verdict::Deny => {
-            let status = if identity.is_none() {
-                StatusCode::UNAUTHORIZED
-            } else {
-                StatusCode::FORBIDDEN
-            };
-            Some((status, decision.reason.as_str()))
-        }
-        _ => None,
-    };
-    if let Some((status, reason)) = denied {
-        if service.mode == Mode::Enforce {
-            line.decision = Decision::Deny;
-            if status == StatusCode::UNAUTHORIZED
-                && identity.is_none()
-                && html
-                && !matches!(authn, Authn::Refused(_))
-                && let Some(login) = login
-            {
-                return login.start(
-                    &service.name,
-                    host.as_deref().unwrap_or_default(),
-                    &path.to_origin_form(),
-                );
+    let mut resp = async {
+        // The workload: a verified ServiceAccount token names it; else the source the kernel saw.
+        let kernel_workload = routes
+            .workloads
+            .lookup(Some(conn.orig.cgroup_id), conn.peer.ip());
+        let token_workload = identity.and_then(|i| i.workload.as_ref());
+        let policy_workload = match (token_workload, kernel_workload) {
+            (Some(w), k) => {
+                line.workload = Some(WorkloadLog {
+                    namespace: w.namespace.clone(),
+                    service_account: w.service_account.clone(),
+                    pod: w.pod.clone(),
+                    from: "token",
+                });
+                Some(crate::policy::Workload {
+                    namespace: w.namespace.clone(),
+                    service_account: w.service_account.clone(),
+                    // Labels are only known for the pod the kernel saw, when it is the same one.
+                    labels: k
+                        .filter(|k| {
+                            k.policy.namespace == w.namespace
+                                && k.policy.service_account == w.service_account
+                        })
+                        .map(|k| k.policy.labels.clone())
+                        .unwrap_or_default(),
+                })
             }
-            let mut resp = refusal(Refusal {
-                status,
-                reason,
-                request_id,
-                html,
-            });
-            if let Authn::Refused(_) = authn {
-                resp.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"nodegate\", error=\"invalid_token\""),
-                );
+            (None, Some(k)) => {
+                line.workload = Some(WorkloadLog {
+                    namespace: k.config.namespace.clone(),
+                    service_account: k.config.service_account.clone(),
+                    pod: k.config.pod.clone(),
+                    from: "source",
+                });
+                Some(k.policy.clone())
             }
-            return resp;
-        }
-        line.decision = Decision::WouldDeny;
-    } else {
-        line.decision = Decision::Allow;
-    }
+            (None, None) => None,
+        };
 
-    let workload = line.workload.clone();
-    let forward = Forward {
-        route,
-        http,
-        path: &path,
-        host: host.as_deref(),
-        identity,
-        workload: workload.as_ref(),
-        request_id,
-    };
-    match forward.send(conn, req, line).await {
-        Ok(resp) => resp,
-        Err(reason) => {
-            let decision = line.decision;
-            let mut resp = refuse(line, StatusCode::BAD_GATEWAY, reason, request_id, html);
-            // The policy decision stands; the upstream failure is in the reason.
-            line.decision = if decision == Decision::WouldDeny {
-                decision
-            } else {
-                Decision::Deny
-            };
-            *resp.status_mut() = StatusCode::BAD_GATEWAY;
-            resp
+        let policy_identity = authn::policy_identity(identity);
+        let decision = http.policy.compiled.evaluate(&RequestContext {
+            identity: &policy_identity,
+            workload: policy_workload.as_ref(),
+            source_ip: Some(conn.peer.ip()),
+            method: req.method().as_str(),
+            host: host.as_deref(),
+            path: &path,
+            now: now_unix(),
+        });
+        line.rule.clone_from(&decision.rule_id);
+        line.reason = decision.reason.as_str();
+        let denied = match &authn {
+            Authn::Refused(err) => {
+                line.reason = err.reason();
+                line.rule = None;
+                Some((StatusCode::UNAUTHORIZED, err.reason()))
+            }
+            _ if decision.verdict == Verdict::Deny => {
+                let status = if identity.is_none() {
+                    StatusCode::UNAUTHORIZED
+                } else {
+                    StatusCode::FORBIDDEN
+                };
+                Some((status, decision.reason.as_str()))
+            }
+            _ => None,
+        };
+        if let Some((status, reason)) = denied {
+            if service.mode == Mode::Enforce {
+                line.decision = Decision::Deny;
+                if status == StatusCode::UNAUTHORIZED
+                    && identity.is_none()
+                    && html
+                    && !matches!(authn, Authn::Refused(_))
+                    && let Some(login) = login
+                {
+                    return login.start(
+                        &service.name,
+                        host.as_deref().unwrap_or_default(),
+                        &path.to_origin_form(),
+                    );
+                }
+                let mut resp = refusal(Refusal {
+                    status,
+                    reason,
+                    request_id,
+                    html,
+                });
+                if let Authn::Refused(_) = authn {
+                    resp.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static(
+                            "Bearer realm=\"nodegate\", error=\"invalid_token\"",
+                        ),
+                    );
+                }
+                return resp;
+            }
+            line.decision = Decision::WouldDeny;
+        } else {
+            line.decision = Decision::Allow;
+        }
+
+        let workload = line.workload.clone();
+        let forward = Forward {
+            route,
+            http,
+            path: &path,
+            host: host.as_deref(),
+            identity,
+            workload: workload.as_ref(),
+            request_id,
+        };
+        match forward.send(conn, req, line).await {
+            Ok(resp) => resp,
+            Err(reason) => {
+                let decision = line.decision;
+                let mut resp = refuse(line, StatusCode::BAD_GATEWAY, reason, request_id, html);
+                // The policy decision stands; the upstream failure is in the reason.
+                line.decision = if decision == Decision::WouldDeny {
+                    decision
+                } else {
+                    Decision::Deny
+                };
+                *resp.status_mut() = StatusCode::BAD_GATEWAY;
+                resp
+            }
         }
     }
+    .await;
+    // Headers of the login module (a refreshed or cleared session cookie), on any answer.
+    let mut last = None;
+    for (name, value) in session_headers {
+        if let Some(name) = name {
+            last = Some(name);
+        }
+        if let Some(name) = &last {
+            resp.headers_mut().append(name, value);
+        }
+    }
+    resp
 }
 
 fn log_identity(line: &mut RequestLine, identity: Option<&Identity>) {

@@ -860,23 +860,42 @@ async fn client_ok(c: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>)
 struct FakeLogin;
 
 impl LoginFlow for FakeLogin {
-    fn session(
-        &self,
-        _service: &str,
-        headers: &hyper::HeaderMap,
-    ) -> Result<Option<Arc<Identity>>, &'static str> {
-        let Some(cookie) = headers.get(header::COOKIE) else {
-            return Ok(None);
-        };
-        if cookie != "ng_session=alice" {
-            return Err("session_invalid");
-        }
-        let mut id = Identity::anonymous();
-        id.kind = crate::auth::IdentityKind::User;
-        id.subject = "alice".into();
-        id.groups = vec!["devs".into()];
-        id.issuer = ISSUER.into();
-        Ok(Some(Arc::new(id)))
+    fn session<'a>(
+        &'a self,
+        _service: &'a str,
+        headers: &'a hyper::HeaderMap,
+    ) -> authn::SessionFuture<'a> {
+        let cookie = headers.get(header::COOKIE).cloned();
+        Box::pin(async move {
+            let Some(cookie) = cookie else {
+                return authn::SessionLookup::NoSession;
+            };
+            let mut response_headers = hyper::HeaderMap::new();
+            if cookie != "ng_session=alice" {
+                response_headers.append(
+                    header::SET_COOKIE,
+                    HeaderValue::from_static("ng_session=; Max-Age=0"),
+                );
+                return authn::SessionLookup::Refused {
+                    reason: "session_invalid",
+                    response_headers,
+                };
+            }
+            let mut id = Identity::anonymous();
+            id.kind = crate::auth::IdentityKind::User;
+            id.subject = "alice".into();
+            id.groups = vec!["devs".into()];
+            id.issuer = ISSUER.into();
+            response_headers.append(
+                header::SET_COOKIE,
+                HeaderValue::from_static("ng_session=alice; Max-Age=60"),
+            );
+            response_headers.append(header::SET_COOKIE, HeaderValue::from_static("ng_csrf=1"));
+            authn::SessionLookup::Valid {
+                identity: Arc::new(id),
+                response_headers,
+            }
+        })
     }
 
     fn start(&self, _service: &str, host: &str, target: &str) -> Response<ProxyBody> {
@@ -919,8 +938,11 @@ async fn the_login_seam_session_redirect_and_reserved_paths() {
     );
     // An API client still gets a 401.
     assert_eq!(send(&mut c, get("/app")).await.0, 401);
-    let (status, _, echo) = send(&mut c, get("/app").header("cookie", "ng_session=alice")).await;
+    let (status, headers, echo) =
+        send(&mut c, get("/app").header("cookie", "ng_session=alice")).await;
     assert_eq!(status, 200, "{echo}");
+    // The session's response headers reach the client, every Set-Cookie of them.
+    assert_eq!(headers.get_all(header::SET_COOKIE).iter().count(), 2);
     // A refused session is a fresh login for a browser, never the identity.
     let (status, _, _) = send(
         &mut c,
@@ -931,12 +953,18 @@ async fn the_login_seam_session_redirect_and_reserved_paths() {
     .await;
     assert_eq!(status, 302);
     assert_eq!(send(&mut c, get("/.nodegate/callback?code=x")).await.0, 200);
+    let (_, headers, _) = send(&mut c, get("/app").header("cookie", "x=1")).await;
+    assert_eq!(
+        headers[header::SET_COOKIE],
+        "ng_session=; Max-Age=0",
+        "a refused session is cleared"
+    );
     assert_eq!(send(&mut c, get("/.nodegate/other")).await.0, 404);
-    let lines = p.requests(6).await;
+    let lines = p.requests(7).await;
     assert_eq!(lines[2]["identity"]["subject"], "alice");
     assert_eq!(lines[4]["reason"], "login_callback");
     assert_eq!(lines[4]["decision"], "allow");
-    assert_eq!(lines[5]["decision"], "deny");
+    assert_eq!(lines[6]["decision"], "deny");
 }
 
 #[tokio::test]

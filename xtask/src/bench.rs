@@ -61,6 +61,22 @@ pub fn run(args: &Args) -> Result<()> {
         }
         cmd::run(&mut bench)
     })?;
+    steps.run(
+        "run the policy and token benchmarks (userspace hot path)",
+        || {
+            let mut bench = cmd::cargo();
+            bench
+                .args([
+                    "bench", "-p", "gateway", "--bench", "policy", "--bench", "auth", "--",
+                ])
+                .args(&args.criterion)
+                .env("CRITERION_HOME", &criterion_dir);
+            if args.quick {
+                bench.args(["--warm-up-time", "0.5", "--measurement-time", "1"]);
+            }
+            cmd::run(&mut bench)
+        },
+    )?;
     let output = args.output.clone().unwrap_or_else(|| {
         if args.quick {
             out_dir.join("BENCHMARKS.md")
@@ -150,6 +166,7 @@ impl<'a> Report<'a> {
         self.percentiles(&mut md);
         self.throughput(&mut md);
         self.bpf(&mut md);
+        self.hot_path(&mut md);
         method(&mut md);
         md
     }
@@ -533,6 +550,93 @@ impl<'a> Report<'a> {
         }
         let _ = writeln!(md);
     }
+}
+
+impl Report<'_> {
+    /// The gateway's own criterion benches (`gateway/benches/{policy,auth}.rs`): policy
+    /// evaluation, path canonicalization and token verification, each measured in-process.
+    fn hot_path(&self, md: &mut String) {
+        let groups = [
+            (
+                "evaluate",
+                "policy evaluation; the parameter is the number of rules (target: ≤ 1 µs median at 1,000)",
+            ),
+            (
+                "canonical_path",
+                "request-target parsing into the canonical path",
+            ),
+            (
+                "verify",
+                "bearer JWT verification: a signature check (cold) and a verified-token cache hit (target: ≤ 2 µs)",
+            ),
+        ];
+        let mut rows = Vec::new();
+        for (group, what) in groups {
+            for id in criterion_ids(self.criterion_dir, group) {
+                if let Some(est) = estimate(self.criterion_dir, &id, self.started) {
+                    rows.push((id, what, est));
+                }
+            }
+        }
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            md,
+            "## Identity and policy on the request path\n\n`cargo bench -p gateway --bench policy \
+             --bench auth`, in-process (no network): the per-request work the HTTP proxy adds on top \
+             of forwarding.\n\n| benchmark | what | median | mean [95% CI] |\n|---|---|---:|---:|"
+        );
+        for (id, what, est) in rows {
+            let _ = writeln!(
+                md,
+                "| `{id}` | {what} | {} | {} [{} – {}] |",
+                nanos(est.median),
+                nanos(est.mean),
+                nanos(est.mean_low),
+                nanos(est.mean_high)
+            );
+        }
+        let _ = writeln!(md);
+    }
+}
+
+/// Benchmark ids under `<criterion>/<group>/`: `group/name` or `group/name/param`, sorted so
+/// that numeric parameters come in order.
+fn criterion_ids(criterion_dir: &Path, group: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let Ok(names) = fs::read_dir(criterion_dir.join(group)) else {
+        return ids;
+    };
+    for name in names.flatten() {
+        let name_path = name.path();
+        let name = name.file_name().to_string_lossy().into_owned();
+        if name == "report" {
+            continue;
+        }
+        if name_path.join("new").is_dir() {
+            ids.push(format!("{group}/{name}"));
+            continue;
+        }
+        let Ok(params) = fs::read_dir(&name_path) else {
+            continue;
+        };
+        for param in params.flatten() {
+            let param = param.file_name().to_string_lossy().into_owned();
+            if param != "report" {
+                ids.push(format!("{group}/{name}/{param}"));
+            }
+        }
+    }
+    ids.sort_by_key(|id| {
+        let (head, last) = id.rsplit_once('/').unwrap_or((id.as_str(), ""));
+        (
+            head.to_owned(),
+            last.parse::<u64>().unwrap_or(u64::MAX),
+            last.to_owned(),
+        )
+    });
+    ids
 }
 
 fn method(md: &mut String) {

@@ -8,4 +8,5 @@ pub mod config;
 pub mod ebpf;
 pub mod policy;
 pub mod proxy;
+pub mod source;
 pub mod telemetry;

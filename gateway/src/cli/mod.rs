@@ -1,5 +1,5 @@
 //! The command line: `run`, `check-config`, `counters`, `status`, `detach`, `explain`,
-//! `decisions`. Exit codes: 0 ok (`explain`: allow), 2 `explain`: deny, 64 config or usage
+//! `decisions`, `crd`. Exit codes: 0 ok (`explain`: allow), 2 `explain`: deny, 64 config or usage
 //! error (`EX_USAGE`), 1 runtime error.
 
 mod decisions;
@@ -128,6 +128,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the `AccessPolicy` `CustomResourceDefinition` (YAML), generated from the policy
+    /// types: `daemonset/crd.yaml`.
+    Crd,
 }
 
 /// Where the pins are: from a config's `bpffs`, or given directly.
@@ -320,6 +323,18 @@ fn dispatch(command: Command) -> Result<(), CliError> {
             };
             decisions::show(&file, &filter, follow, json)
         }
+        Command::Crd => crd(),
+    }
+}
+
+fn crd() -> Result<(), CliError> {
+    use std::io::Write as _;
+    let yaml = crate::source::crd::crd_yaml()
+        .map_err(|e| CliError::Input(format!("cannot render the CRD: {e}")))?;
+    match std::io::stdout().write_all(yaml.as_bytes()) {
+        // A closed pipe (`| head`) is not an error worth reporting.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(CliError::Output(e)),
+        _ => Ok(()),
     }
 }
 

@@ -166,11 +166,45 @@ pub enum EbpfError {
 const _: () = assert!(size_of::<EbpfError>() <= 88);
 
 /// Per-service enforcement mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
+#[schemars(
+    description = "`enforce` or `audit` (let everything through, log what would be denied); \
+                   default: the Service's nodegate.io/mode annotation, else enforce."
+)]
 pub enum Mode {
+    /// Connections are decided by policy; direct access to endpoints is dropped.
     Enforce,
+    /// Everything is let through, but what enforce would deny is logged and counted.
     Audit,
+}
+
+impl Mode {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What userspace wants the kernel maps to contain.

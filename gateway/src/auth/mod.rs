@@ -14,11 +14,18 @@
 
 mod cache;
 pub mod config;
+pub mod cookie;
 mod discovery;
+pub mod http_client;
 pub mod identity;
 mod jwks;
 pub mod jwt;
+pub mod login;
+pub mod login_config;
+#[cfg(test)]
+mod login_tests;
 pub mod sa;
+pub mod session;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -40,10 +40,6 @@ pub(super) fn log_policies(config: &Config) {
                 allow_rules = http.policy.allow_rules,
                 "policy loaded"
             );
-            if http.login {
-                // The browser-login module is not wired in yet (see proxy::http::authn::LoginFlow).
-                tracing::warn!(service = %s.name, "http.login is set but no browser-login module is configured: unauthenticated browsers get 401");
-            }
         }
     }
 }

@@ -25,7 +25,7 @@ use crate::{
     ebpf::{BypassEvents, Datapath, DatapathOptions},
     proxy::{
         self, Routes, SharedRoutes,
-        http::{AssertionSigner, HttpContext, SharedAuth},
+        http::{AssertionSigner, BrowserLogin, HttpContext, LoginFlow, SharedAuth},
     },
     telemetry::{
         self, Metrics,
@@ -93,7 +93,7 @@ pub(super) fn run(path: Option<&Path>) -> Result<(), CliError> {
         http: HttpContext::new(
             auth.clone(),
             signer,
-            None,
+            browser_login(&config, &dataplane)?,
             Some(config.proxy.mark),
             routes.clone(),
         ),
@@ -275,4 +275,28 @@ fn spawn_key_upkeep(auth: Arc<Authenticator>) -> tokio::task::JoinHandle<()> {
 fn service_lookup(routes: &SharedRoutes) -> ServiceLookup {
     let routes = routes.clone();
     Box::new(move |id| routes.load().service(id).map(|s| (s.name.clone(), s.mode)))
+}
+
+/// The browser-login module of a config with a `login:` section (read once: a changed section
+/// needs a restart, see `Config::restart_required`). Provider discovery runs in the background
+/// on `runtime`: the gateway starts while its identity provider is still coming up.
+fn browser_login(
+    config: &Config,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<Option<Arc<dyn LoginFlow>>, CliError> {
+    let Some(section) = &config.login else {
+        return Ok(None);
+    };
+    let invalid = |e: &dyn std::fmt::Display| CliError::Input(format!("{}: {e}", config.origin));
+    let settings = section.settings().map_err(|e| invalid(&e))?;
+    let flow = crate::auth::login::LoginFlow::new(settings).map_err(|e| invalid(&e))?;
+    tracing::info!(
+        issuer = %section.config.issuer,
+        hosts = ?section.config.hosts,
+        "browser login configured"
+    );
+    let login = Arc::new(BrowserLogin::new(flow));
+    let discover = login.clone();
+    runtime.spawn(async move { discover.discover().await });
+    Ok(Some(login))
 }

@@ -21,7 +21,10 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::{
-    auth::AuthConfig,
+    auth::{
+        AuthConfig,
+        login_config::{LoginConfig, LoginConfigError, LoginSettings},
+    },
     ebpf::{self, DesiredService, DesiredState, Mode},
     policy::{CompiledPolicy, Policy, wire::PolicySpec},
 };
@@ -128,6 +131,39 @@ pub struct Config {
     /// Static workload identities (config source), matched by cgroup id, then source address.
     pub workloads: Vec<StaticWorkload>,
     pub assertion: AssertionConfig,
+    /// Browser login (`login:`), checked here; `run` builds the login flow from it.
+    pub login: Option<LoginSection>,
+}
+
+/// The `login:` section: the operator's text and where its relative file paths start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoginSection {
+    pub config: LoginConfig,
+    /// The config file's directory (the working directory for the embedded config).
+    pub base_dir: PathBuf,
+}
+
+impl LoginSection {
+    /// The validated settings; reads the files the section names (secrets, CA bundle).
+    pub fn settings(&self) -> Result<LoginSettings, LoginConfigError> {
+        LoginSettings::from_config(self.config.clone(), &self.base_dir)
+    }
+}
+
+/// What the effective-config log line shows of the login section: no secrets.
+impl Serialize for LoginSection {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let c = &self.config;
+        let mut s = serializer.serialize_struct("LoginSection", 6)?;
+        s.serialize_field("issuer", &c.issuer)?;
+        s.serialize_field("client_id", &c.client_id)?;
+        s.serialize_field("hosts", &c.hosts)?;
+        s.serialize_field("cookie_name", &c.cookie_name)?;
+        s.serialize_field("cookie_secret_file", &c.cookie_secret_file)?;
+        s.serialize_field("session_ttl_s", &c.session_ttl_s)?;
+        s.end()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -445,6 +481,9 @@ impl Config {
         check("log", self.log != new.log);
         // The assertion key is generated at start and its issuer is what backends pin.
         check("assertion", self.assertion != new.assertion);
+        // The login flow holds the cookie keys and the signed-out sessions: a new one would
+        // log everybody out (or, with a generated secret, invalidate every cookie).
+        check("login", self.login != new.login);
         out
     }
 
@@ -550,6 +589,7 @@ impl Config {
         }
         let workloads = parse_workloads(raw.workloads, p);
         let assertion = parse_assertion(raw.assertion, p);
+        let login = parse_login(raw.login, &origin, &services, p);
 
         let (node, cgroup, bpffs, proxy, admin, log) =
             (node?, cgroup?, bpffs?, proxy?, admin?, log?);
@@ -567,8 +607,73 @@ impl Config {
             auth,
             workloads,
             assertion,
+            login,
         })
     }
+}
+
+/// Checks the `login:` section (reading the files it names, so that `check-config` finds a
+/// missing secret file), and that every service with `http.login: true` has one to use.
+fn parse_login(
+    raw: Option<LoginConfig>,
+    origin: &Origin,
+    services: &[Service],
+    p: &mut Problems,
+) -> Option<LoginSection> {
+    let Some(config) = raw else {
+        for (i, s) in services.iter().enumerate() {
+            if s.http.as_ref().is_some_and(|h| h.login) {
+                p.push(
+                    format!("services[{i}].http.login"),
+                    "browser login needs the top-level `login:` section (issuer, client_id, \
+                     client_secret or client_secret_file, hosts)",
+                );
+            }
+        }
+        return None;
+    };
+    let base_dir = match origin {
+        Origin::File(path) => path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+        Origin::Embedded => PathBuf::from("."),
+    };
+    let section = LoginSection { config, base_dir };
+    let mut ok = true;
+    if let Err(err) = section.settings() {
+        ok = false;
+        match err {
+            LoginConfigError::Invalid { field, message } => {
+                p.push(format!("login.{field}"), message);
+            }
+            LoginConfigError::File {
+                field,
+                path,
+                source,
+            } => p.push(
+                format!("login.{field}"),
+                format!("cannot read {}: {source}", path.display()),
+            ),
+        }
+    }
+    // The proxy keeps everything under this prefix away from backends and hands it to the
+    // login flow; a reserved path elsewhere would be forwarded instead.
+    let prefix = crate::proxy::http::authn::RESERVED_PREFIX;
+    for (field, path) in [
+        ("redirect_path", &section.config.redirect_path),
+        ("logout_path", &section.config.logout_path),
+        ("login_path", &section.config.login_path),
+    ] {
+        if !path.starts_with(prefix) || path.len() == prefix.len() {
+            ok = false;
+            p.push(
+                format!("login.{field}"),
+                format!("{path:?} must be a path under {prefix} (reserved by the gateway)"),
+            );
+        }
+    }
+    ok.then_some(section)
 }
 
 #[derive(Default)]

@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use serde::Deserialize;
 
-use crate::{auth::AuthConfig, ebpf::Mode};
+use crate::{
+    auth::{AuthConfig, login_config::LoginConfig},
+    ebpf::Mode,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +30,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub workloads: Vec<RawWorkload>,
     pub assertion: Option<RawAssertion>,
+    /// Browser login (the login module's own wire type, validated there).
+    pub login: Option<LoginConfig>,
 }
 
 #[derive(Debug, Deserialize)]

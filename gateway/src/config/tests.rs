@@ -542,3 +542,61 @@ fn http_and_policy_errors_name_the_field() {
         );
     }
 }
+
+#[test]
+fn the_login_section_is_checked_and_names_the_field() {
+    let login = "login:\n  issuer: https://idp.example.com\n  client_id: gw\n  client_secret: s\n  \
+                 hosts: [grafana.example.com]\n";
+    let with_login = HTTP.replace(
+        "identity_headers: true }",
+        "identity_headers: true, login: true }",
+    );
+    let c = parse(&format!("{with_login}{login}")).unwrap_or_else(|e| panic!("{e}"));
+    let section = c.login.as_ref().expect("the login section");
+    assert!(c.services[0].http.as_ref().unwrap().login);
+    assert_eq!(section.config.cookie_name, "_nodegate");
+    // The effective-config line shows no secret.
+    let shown = serde_json::to_string(&c).unwrap();
+    assert!(
+        shown.contains("idp.example.com") && !shown.contains("client_secret"),
+        "{shown}"
+    );
+
+    // `http.login` without a login section to use.
+    let err = parse(&with_login).unwrap_err().to_string();
+    assert!(err.contains("services[0].http.login"), "{err}");
+    // Unknown fields, bad values and unreadable files name the field.
+    let err = parse(&format!("{HTTP}{login}  cookie_nmae: x\n")).unwrap_err();
+    let err = crate::cli::error_chain(&err);
+    assert!(
+        err.contains("login") && err.contains("cookie_nmae"),
+        "{err}"
+    );
+    for (extra, field) in [
+        ("  session_ttl_s: 5\n", "login.session_ttl_s"),
+        (
+            "  cookie_secret_file: /nonexistent/secret\n",
+            "login.cookie_secret_file",
+        ),
+        ("  redirect_path: /oauth2/callback\n", "login.redirect_path"),
+        ("  logout_path: /.nodegate/\n", "login.logout_path"),
+    ] {
+        let err = parse(&format!("{HTTP}{login}{extra}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field), "{extra}: {err}");
+    }
+    let err = parse(&format!("{HTTP}{}", login.replace("https://", "http://")))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("login.issuer"), "{err}");
+
+    // A changed login section needs a restart.
+    let other = parse(&format!(
+        "{HTTP}{}",
+        login.replace("client_id: gw", "client_id: gw2")
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.restart_required(&other), ["login"]);
+    assert_eq!(c.restart_required(&c.clone()), [] as [&str; 0]);
+}

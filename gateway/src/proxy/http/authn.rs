@@ -8,7 +8,7 @@
 use std::{future::Future, pin::Pin, sync::Arc};
 
 use arc_swap::ArcSwap;
-use hyper::{HeaderMap, Request, Response, body::Incoming, header};
+use hyper::{HeaderMap, Method, Response, header};
 
 use super::response::ProxyBody;
 use crate::{
@@ -19,8 +19,8 @@ use crate::{
 /// The live authenticator; swapped whole when the `auth` section changes.
 pub type SharedAuth = Arc<ArcSwap<Authenticator>>;
 
-/// A future returned by the login seam.
-pub type LoginFuture = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
+/// The answer of the login seam (a login started, a reserved path served), as a future.
+pub type LoginFuture<'a> = Pin<Box<dyn Future<Output = LoginAnswer> + Send + 'a>>;
 /// The session lookup of the login seam (async: a session may be refreshed at the `IdP`).
 pub type SessionFuture<'a> = Pin<Box<dyn Future<Output = SessionLookup> + Send + 'a>>;
 
@@ -52,22 +52,55 @@ pub const LOGIN_PATH: &str = "/.nodegate/login";
 /// Prefix of the reserved paths: never forwarded.
 pub const RESERVED_PREFIX: &str = "/.nodegate/";
 
+/// A request as the login seam sees it: canonicalized, its `Host` checked against the
+/// service, gateway-owned headers removed.
+#[derive(Debug, Clone, Copy)]
+pub struct LoginRequest<'a> {
+    pub service: &'a str,
+    pub method: &'a Method,
+    /// The request's host (`Host`, or the authority of an absolute or HTTP/2 target).
+    pub host: Option<&'a str>,
+    /// The canonical origin-form target: path (re-encoded) and query.
+    pub target: &'a str,
+    pub headers: &'a HeaderMap,
+    /// For the deny page of a refused login step.
+    pub request_id: &'a str,
+    pub html: bool,
+}
+
+/// What the login seam answered, and what the decision line says about it.
+#[derive(Debug)]
+pub struct LoginAnswer {
+    pub response: Response<ProxyBody>,
+    /// `true` for a login step that went through (`login_start`, `login_callback`,
+    /// `login_logout`); `false` for a refused one (its `login_*` reason code, a 404 for an
+    /// unknown reserved path).
+    pub allowed: bool,
+    pub reason: &'static str,
+    /// Who logged in (callback) or out (logout), for the decision line.
+    pub identity: Option<Arc<Identity>>,
+}
+
 /// Browser login (OIDC authorization code + PKCE, encrypted session cookies): implemented by
-/// the login module (`auth::login` / `auth::session`) and handed to the proxy when configured.
-/// Only services with `http.login: true` use it.
+/// `proxy::http::login` over the login module (`auth::login`, `auth::session`), handed to the
+/// proxy when the config has a `login:` section. Only services with `http.login: true` use it
+/// for sessions and login redirects; its cookies are removed from every forwarded request.
 pub trait LoginFlow: Send + Sync + 'static {
     /// The session of a request without a bearer token, from its cookies.
     fn session<'a>(&'a self, service: &'a str, headers: &'a HeaderMap) -> SessionFuture<'a>;
 
-    /// The response that starts a login for a browser request to `host` + `target` (the
-    /// canonical origin-form path and query) that policy denied for lack of an identity:
-    /// normally a 302 to the identity provider.
-    fn start(&self, service: &str, host: &str, target: &str) -> Response<ProxyBody>;
+    /// The response that starts a login for a browser request that policy denied for lack of
+    /// an identity: normally a 302 to the identity provider that comes back to `req.target`.
+    fn start<'a>(&'a self, req: LoginRequest<'a>) -> LoginFuture<'a>;
 
     /// Serves every path under [`RESERVED_PREFIX`] of a service with `login: true`:
     /// [`CALLBACK_PATH`], [`LOGOUT_PATH`], [`LOGIN_PATH`], and a 404 for anything else. Without
     /// a login module (or for a service without `login`), the proxy answers 404 itself.
-    fn reserved(&self, service: &str, host: &str, req: Request<Incoming>) -> LoginFuture;
+    fn reserved<'a>(&'a self, req: LoginRequest<'a>) -> LoginFuture<'a>;
+
+    /// Removes the gateway's own cookies (session, login flow) from a request before it is
+    /// forwarded: they are the gateway's credentials, not the backend's.
+    fn strip_cookies(&self, headers: &mut HeaderMap);
 }
 
 /// The outcome of authentication.

@@ -16,6 +16,7 @@ pub mod assertion;
 pub mod authn;
 pub mod framing;
 pub mod headers;
+pub mod login;
 pub mod response;
 mod upstream;
 
@@ -47,10 +48,11 @@ use tokio::{
 pub use self::{
     assertion::AssertionSigner,
     authn::{LoginFlow, SharedAuth},
+    login::BrowserLogin,
 };
 use self::{
     assertion::{AssertedWorkload, Subject},
-    authn::Authn,
+    authn::{Authn, LoginRequest},
     framing::{FramingGuard, Refused},
     headers::{
         X_NODEGATE_ASSERTION, X_NODEGATE_EMAIL, X_NODEGATE_GROUPS, X_NODEGATE_USER, X_REQUEST_ID,
@@ -582,18 +584,19 @@ async fn process(
     } else {
         None
     };
+    // On the canonical path: `/%2Enodegate/...` is reserved too, and nothing under the prefix
+    // is ever forwarded.
+    let target = path.to_origin_form();
     if path.as_str().starts_with(authn::RESERVED_PREFIX) {
-        return reserved(
-            line,
-            req,
-            &path,
-            login,
+        let req = login_request(
+            &req,
             &service.name,
             host.as_deref(),
+            &target,
             request_id,
             html,
-        )
-        .await;
+        );
+        return reserved(line, req, login).await;
     }
 
     let auth = ctx.auth.load_full();
@@ -601,12 +604,12 @@ async fn process(
         authn::authenticate(&auth, login, &service.name, req.headers()).await;
     let identity = authn.identity();
     log_identity(line, identity);
-    if let Authn::Anonymous {
-        session_refused: Some(reason),
-    } = &authn
-    {
-        tracing::debug!(peer = %conn.peer, reason, "session cookie refused");
-    }
+    let session_refused = match &authn {
+        Authn::Anonymous {
+            session_refused: Some(reason),
+        } => Some(*reason),
+        _ => None,
+    };
 
     let mut resp = async {
         // The workload: a verified ServiceAccount token names it; else the source the kernel saw.
@@ -665,6 +668,14 @@ async fn process(
                 line.rule = None;
                 Some((StatusCode::UNAUTHORIZED, err.reason()))
             }
+            // Denied for lack of an identity, and the session cookie was refused: that is the
+            // reason (tampered, expired, signed out), not the policy's no-match.
+            _ if decision.verdict == Verdict::Deny && session_refused.is_some() => {
+                let reason = session_refused.unwrap_or_default();
+                line.reason = reason;
+                line.rule = None;
+                Some((StatusCode::UNAUTHORIZED, reason))
+            }
             _ if decision.verdict == Verdict::Deny => {
                 let status = if identity.is_none() {
                     StatusCode::UNAUTHORIZED
@@ -684,11 +695,22 @@ async fn process(
                     && !matches!(authn, Authn::Refused(_))
                     && let Some(login) = login
                 {
-                    return login.start(
-                        &service.name,
-                        host.as_deref().unwrap_or_default(),
-                        &path.to_origin_form(),
-                    );
+                    let answer = login
+                        .start(login_request(
+                            &req,
+                            &service.name,
+                            host.as_deref(),
+                            &target,
+                            request_id,
+                            html,
+                        ))
+                        .await;
+                    if !answer.allowed {
+                        // The login could not start (host not in login.hosts, provider down).
+                        line.reason = answer.reason;
+                        line.rule = None;
+                    }
+                    return answer.response;
                 }
                 let mut resp = refusal(Refusal {
                     status,
@@ -702,6 +724,11 @@ async fn process(
                         HeaderValue::from_static(
                             "Bearer realm=\"nodegate\", error=\"invalid_token\"",
                         ),
+                    );
+                } else if status == StatusCode::UNAUTHORIZED {
+                    resp.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer realm=\"nodegate\""),
                     );
                 }
                 return resp;
@@ -751,6 +778,26 @@ async fn process(
     resp
 }
 
+/// What the login seam is told about a request.
+fn login_request<'a>(
+    req: &'a Request<Incoming>,
+    service: &'a str,
+    host: Option<&'a str>,
+    target: &'a str,
+    request_id: &'a str,
+    html: bool,
+) -> LoginRequest<'a> {
+    LoginRequest {
+        service,
+        method: req.method(),
+        host,
+        target,
+        headers: req.headers(),
+        request_id,
+        html,
+    }
+}
+
 fn log_identity(line: &mut RequestLine, identity: Option<&Identity>) {
     if let Some(id) = identity {
         line.identity = IdentityLog {
@@ -763,45 +810,30 @@ fn log_identity(line: &mut RequestLine, identity: Option<&Identity>) {
     }
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site, each argument a distinct fact"
-)]
+/// A path under [`authn::RESERVED_PREFIX`]: the login module's, or a 404. Never forwarded.
 async fn reserved(
     line: &mut RequestLine,
-    req: Request<Incoming>,
-    path: &CanonicalPath,
+    req: LoginRequest<'_>,
     login: Option<&dyn LoginFlow>,
-    service: &str,
-    host: Option<&str>,
-    request_id: &str,
-    html: bool,
 ) -> Response<ProxyBody> {
-    let what = match path.as_str() {
-        authn::CALLBACK_PATH => "login_callback",
-        authn::LOGOUT_PATH => "login_logout",
-        authn::LOGIN_PATH => "login_start",
-        _ => "reserved_path",
-    };
-    match login {
-        Some(login) => {
-            // The login module answers unknown reserved paths (404) itself.
-            line.decision = if what == "reserved_path" {
-                Decision::Deny
-            } else {
-                Decision::Allow
-            };
-            line.reason = what;
-            login.reserved(service, host.unwrap_or_default(), req).await
-        }
-        _ => refuse(
+    let Some(login) = login else {
+        return refuse(
             line,
             StatusCode::NOT_FOUND,
             "reserved_path",
-            request_id,
-            html,
-        ),
-    }
+            req.request_id,
+            req.html,
+        );
+    };
+    let answer = login.reserved(req).await;
+    line.decision = if answer.allowed {
+        Decision::Allow
+    } else {
+        Decision::Deny
+    };
+    line.reason = answer.reason;
+    log_identity(line, answer.identity.as_deref());
+    answer.response
 }
 
 /// An authorized request on its way upstream.
@@ -827,6 +859,11 @@ impl Forward<'_> {
         let (mut parts, body) = req.into_parts();
         let headers = &mut parts.headers;
         headers::strip_hop_by_hop(headers, upgrade);
+        // The gateway's session and login-flow cookies are its credentials, not the backend's
+        // (every HTTP service: a service without `login` may share a host with one that has it).
+        if let Some(login) = &conn.shared.http.login {
+            login.strip_cookies(headers);
+        }
         join_cookies(headers);
         if let Some(host) = self.host.and_then(|h| HeaderValue::from_str(h).ok()) {
             headers.insert(header::HOST, host);

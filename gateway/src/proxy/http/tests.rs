@@ -123,8 +123,14 @@ fn config(backend: SocketAddr, service_extra: &str) -> Config {
          gateways: [127.0.0.1]\n\
          auth:\n  issuers:\n    - {{ name: test, issuer: \"{ISSUER}\", jwks_file: \"{}\", audiences: [nodegate], algorithms: [ES256], leeway_s: 0 }}\n\
          workloads:\n  - {{ namespace: ci, service_account: builder, pod: builder-0, addresses: [127.0.0.9] }}\n\
-         services:\n  - name: web\n    vips: [\"{VIP}\"]\n    endpoints: [\"{backend}\"]\n{service_extra}{POLICY}\n",
-        jwks.display()
+         services:\n  - name: web\n    vips: [\"{VIP}\"]\n    endpoints: [\"{backend}\"]\n{service_extra}{POLICY}\n{login}",
+        jwks.display(),
+        login = if service_extra.contains("login: true") {
+            "login: { issuer: \"https://login.example.test\", client_id: gw, client_secret: s, \
+             hosts: [web.example.test] }\n"
+        } else {
+            ""
+        },
     );
     Config::parse(&text, Origin::Embedded).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
@@ -871,7 +877,12 @@ impl LoginFlow for FakeLogin {
                 return authn::SessionLookup::NoSession;
             };
             let mut response_headers = hyper::HeaderMap::new();
-            if cookie != "ng_session=alice" {
+            let alice = cookie
+                .to_str()
+                .unwrap_or_default()
+                .split(';')
+                .any(|pair| pair.trim() == "ng_session=alice");
+            if !alice {
                 response_headers.append(
                     header::SET_COOKIE,
                     HeaderValue::from_static("ng_session=; Max-Age=0"),
@@ -898,30 +909,48 @@ impl LoginFlow for FakeLogin {
         })
     }
 
-    fn start(&self, _service: &str, host: &str, target: &str) -> Response<ProxyBody> {
-        Response::builder()
+    fn start<'a>(&'a self, req: LoginRequest<'a>) -> authn::LoginFuture<'a> {
+        let host = req.host.unwrap_or_default();
+        let response = Response::builder()
             .status(302)
             .header(
                 "location",
-                format!("https://idp.test/authorize?rd=//{host}{target}"),
+                format!("https://idp.test/authorize?rd=//{host}{}", req.target),
             )
             .body(response::full(Bytes::new()))
-            .unwrap()
+            .unwrap();
+        Box::pin(async move {
+            authn::LoginAnswer {
+                response,
+                allowed: true,
+                reason: "login_start",
+                identity: None,
+            }
+        })
     }
 
-    fn reserved(&self, _service: &str, _host: &str, req: Request<Incoming>) -> authn::LoginFuture {
-        let path = req.uri().path().to_owned();
+    fn reserved<'a>(&'a self, req: LoginRequest<'a>) -> authn::LoginFuture<'a> {
+        let path = req.target.split('?').next().unwrap_or_default().to_owned();
         Box::pin(async move {
-            let status = if path == authn::CALLBACK_PATH {
-                200
+            let (status, allowed, reason) = if path == authn::CALLBACK_PATH {
+                (200, true, "login_callback")
             } else {
-                404
+                (404, false, "reserved_path")
             };
-            Response::builder()
-                .status(status)
-                .body(response::full(path))
-                .unwrap()
+            authn::LoginAnswer {
+                response: Response::builder()
+                    .status(status)
+                    .body(response::full(path))
+                    .unwrap(),
+                allowed,
+                reason,
+                identity: None,
+            }
         })
+    }
+
+    fn strip_cookies(&self, headers: &mut hyper::HeaderMap) {
+        crate::auth::cookie::remove_cookies(headers, |name| name.starts_with("ng_"));
     }
 }
 
@@ -936,11 +965,18 @@ async fn the_login_seam_session_redirect_and_reserved_paths() {
         headers["location"],
         "https://idp.test/authorize?rd=//web.example.test/app?x=1"
     );
-    // An API client still gets a 401.
-    assert_eq!(send(&mut c, get("/app")).await.0, 401);
+    // An API client still gets a 401, with the scheme to authenticate with.
+    let (status, headers, _) = send(&mut c, get("/app")).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        headers[header::WWW_AUTHENTICATE],
+        "Bearer realm=\"nodegate\""
+    );
     let (status, headers, echo) =
         send(&mut c, get("/app").header("cookie", "ng_session=alice")).await;
     assert_eq!(status, 200, "{echo}");
+    // The gateway's cookie is its credential, not the backend's.
+    assert!(echo["headers"].get("cookie").is_none(), "{echo}");
     // The session's response headers reach the client, every Set-Cookie of them.
     assert_eq!(headers.get_all(header::SET_COOKIE).iter().count(), 2);
     // A refused session is a fresh login for a browser, never the identity.
@@ -960,11 +996,31 @@ async fn the_login_seam_session_redirect_and_reserved_paths() {
         "a refused session is cleared"
     );
     assert_eq!(send(&mut c, get("/.nodegate/other")).await.0, 404);
-    let lines = p.requests(7).await;
+    // Reserved after canonicalization: an encoded dot is still the gateway's path.
+    let (status, _, body) = send(&mut c, get("/%2Enodegate/callback?code=x")).await;
+    assert_eq!(status, 200, "{body}");
+    // Other cookies reach the backend, the gateway's do not.
+    let (status, _, echo) = send(
+        &mut c,
+        get("/app").header("cookie", "a=1; ng_session=alice; ng_flow_x=2; b=2"),
+    )
+    .await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(echo["headers"]["cookie"], json!(["a=1; b=2"]), "{echo}");
+    let lines = p.requests(9).await;
     assert_eq!(lines[2]["identity"]["subject"], "alice");
+    // A refused session cookie is the reason of the denial (and a login for a browser).
+    assert_eq!(lines[3]["decision"], "deny");
+    assert_eq!(lines[3]["reason"], "session_invalid");
+    assert_eq!(lines[3]["status"], 302);
     assert_eq!(lines[4]["reason"], "login_callback");
     assert_eq!(lines[4]["decision"], "allow");
+    assert_eq!(lines[5]["reason"], "session_invalid");
+    assert_eq!(lines[5]["status"], 401);
     assert_eq!(lines[6]["decision"], "deny");
+    assert_eq!(lines[6]["reason"], "reserved_path");
+    assert_eq!(lines[7]["path"], "/.nodegate/callback");
+    assert_eq!(lines[7]["reason"], "login_callback");
 }
 
 #[tokio::test]

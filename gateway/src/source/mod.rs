@@ -2,6 +2,7 @@
 //! Kubernetes source (label-protected Services, their `EndpointSlices`, this node's Pods,
 //! `AccessPolicy` resources and the gateway peers), published as a [`model::Snapshot`].
 
+pub mod apply;
 pub mod crd;
 pub mod kubernetes;
 pub mod model;

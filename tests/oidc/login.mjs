@@ -13,7 +13,7 @@
 // Prints one JSON line and exits 0 when the browser ended on the protected origin with a status
 // below 400, 1 otherwise:
 //   {"ok","final_url","status","text","cookies":[...],"navigations":[{url,status}],"via_provider",
-//    "then":[{"url","final_url","status","text"}],"error"}
+//    "then":[{"url","final_url","status","text"}],"blocked":[urls],"error","elapsed_ms","trace"}
 // A fresh --user-data-dir is made (and removed) unless one is given.
 import fs from 'node:fs';
 import os from 'node:os';
@@ -44,18 +44,34 @@ const opts = parseArgs(process.argv.slice(2));
 const target = new URL(opts.url);
 const ownDir = !opts.userDataDir;
 const userDataDir = opts.userDataDir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'ng-chromium-'));
-const rules = opts.map.map((m) => {
+const mapped = opts.map.map((m) => {
   const [host, addr] = m.split('=');
   if (!host || !addr) throw new Error(`--map wants HOST=ADDR, got ${m}`);
-  return `MAP ${host} ${addr}`;
+  return [host, addr];
 });
+const rules = mapped.map(([host, addr]) => `MAP ${host} ${addr}`);
+// Requests the browser may make: the protected host, the mapped names and IP literals (the
+// provider listens on a pod address). Anything else is aborted before any DNS lookup and listed
+// in `blocked` (oidc-provider's dev pages @import Google Fonts: ~13 s of DNS timeouts a page
+// otherwise), so a redirect off the origin shows up there.
+const allowedHosts = new Set([target.hostname, ...mapped.map(([host]) => host)]);
+const isIpLiteral = (host) => /^[0-9.]+$/.test(host) || host.startsWith('[');
 
-const result = { ok: false, final_url: null, status: null, text: null, cookies: [], navigations: [], then: [], error: null };
-const deadline = Date.now() + opts.timeoutMs;
+const result = { ok: false, final_url: null, status: null, text: null, cookies: [], navigations: [], blocked: [], then: [], error: null };
+const started = Date.now();
+const deadline = started + opts.timeoutMs;
+// Progress on stderr, so that a run killed at its deadline still shows where it was.
+const traced = [];
+const trace = (what) => {
+  const line = `+${Date.now() - started}ms ${what}`;
+  traced.push(line);
+  process.stderr.write(`login.mjs ${line}\n`);
+};
 const left = () => Math.max(1, deadline - Date.now());
 
 let context;
 try {
+  trace('launch');
   context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: '/usr/bin/chromium',
     headless: true,
@@ -66,6 +82,13 @@ try {
       ...(rules.length ? [`--host-resolver-rules=${rules.join(', ')}`] : []),
     ],
   });
+  await context.route('**/*', (route) => {
+    const url = new URL(route.request().url());
+    const web = url.protocol === 'http:' || url.protocol === 'https:';
+    if (web && (allowedHosts.has(url.hostname) || isIpLiteral(url.hostname))) return route.continue();
+    result.blocked.push(url.href);
+    return route.abort();
+  });
   const page = context.pages()[0] ?? await context.newPage();
   page.setDefaultTimeout(left());
   page.on('response', (response) => {
@@ -75,10 +98,12 @@ try {
     }
   });
 
+  trace(`goto ${opts.url}`);
   await page.goto(opts.url, { waitUntil: 'load', timeout: left() });
   // Provider pages until the browser is back on the protected origin.
   for (let step = 0; step < 10; step += 1) {
     const here = new URL(page.url());
+    trace(`at ${page.url()}`);
     if (here.origin === target.origin) break;
     if (await page.locator('input[name=login]').count() > 0) {
       await page.fill('input[name=login]', opts.login);
@@ -112,7 +137,9 @@ try {
     });
   }
   result.cookies = await context.cookies();
+  trace('done');
 } catch (err) {
+  trace(`error: ${err?.message ?? err}`);
   result.error = String(err?.message ?? err);
   try {
     const page = context?.pages()[0];
@@ -121,9 +148,11 @@ try {
       result.text = await page.evaluate(() => document.body?.innerText ?? '');
     }
   } catch { /* the page is gone */ }
-} finally {
-  await context?.close().catch(() => {});
-  if (ownDir) fs.rmSync(userDataDir, { recursive: true, force: true });
 }
+// The report first: closing a loaded browser can take long, and the caller has a deadline.
+result.elapsed_ms = Date.now() - started;
+result.trace = traced;
 process.stdout.write(`${JSON.stringify(result)}\n`);
+await Promise.race([context?.close().catch(() => {}), new Promise((r) => { setTimeout(r, 5000); })]);
+if (ownDir) fs.rmSync(userDataDir, { recursive: true, force: true });
 process.exit(result.ok ? 0 : 1);

@@ -1,7 +1,8 @@
-//! Browser login end to end. Headless Chromium (playwright-core, `tests/oidc/login.mjs`) runs in pod `a` and opens
-//! `http://app.nodegate.test/...`, which resolves to the service VIP; the gateway sends it to the
-//! test provider in pod `idp`, the browser logs in there (devInteractions) and comes back through
-//! `/.nodegate/callback` to the protected page. Cookies are then replayed with curl.
+//! Browser login end to end. Headless Chromium (playwright-core, `tests/oidc/login.mjs`) runs in
+//! pod `a` and opens `http://app.nodegate.test/...`, which resolves to the service VIP; the
+//! gateway sends it to the test provider in pod `idp`, the browser logs in there
+//! (devInteractions) and comes back through `/.nodegate/callback` to the protected page. Cookies
+//! are then replayed with curl.
 
 mod common;
 

@@ -5,7 +5,6 @@
 //! and never runs on the request path except for the rate-limited unknown-`kid` refetch.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,8 +15,6 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject as _;
 use serde::Deserialize;
 
 use super::config::{parse_http_url, url_transport_allowed};
@@ -96,26 +93,12 @@ impl HttpFetcher {
     /// # Errors
     /// An unreadable or certificate-less `ca_file`.
     pub fn new(ca_file: Option<&Path>, timeout: Duration) -> Result<Self, ClientError> {
-        let mut roots = rustls::RootCertStore::empty();
-        if let Some(path) = ca_file {
-            let pem = std::fs::read(path)?;
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                roots.add(cert.map_err(|e| ClientError::Pem(e.to_string()))?)?;
-            }
-            if roots.is_empty() {
-                return Err(ClientError::Empty);
-            }
-        } else {
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        }
-        // The provider is passed explicitly instead of installed process-wide, so this module
-        // neither depends on nor changes what the rest of the gateway installed.
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let pem = ca_file.map(std::fs::read).transpose()?;
+        let tls = super::http_client::tls_client_config(pem.as_deref()).map_err(|e| match e {
+            super::http_client::RootsError::Pem(e) => ClientError::Pem(e),
+            super::http_client::RootsError::Empty => ClientError::Empty,
+            super::http_client::RootsError::Tls(e) => ClientError::Tls(e),
+        })?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(timeout));

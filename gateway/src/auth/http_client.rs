@@ -35,6 +35,41 @@ pub enum HttpClientError {
     Tls(#[from] rustls::Error),
 }
 
+/// Why [`tls_client_config`] failed.
+#[derive(Debug)]
+pub(crate) enum RootsError {
+    Pem(String),
+    Empty,
+    Tls(rustls::Error),
+}
+
+/// The rustls client configuration shared by every outbound client of `auth` (issuer discovery
+/// and JWKS, the login provider): `ca_pem`, when given, replaces the built-in Mozilla roots (an
+/// in-cluster issuer is trusted through its CA only). The ring provider is passed explicitly
+/// instead of installed process-wide, so nothing else in the process is affected.
+pub(crate) fn tls_client_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, RootsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_pem {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| RootsError::Pem(e.to_string()))?;
+                roots.add(cert).map_err(RootsError::Tls)?;
+            }
+            if roots.is_empty() {
+                return Err(RootsError::Empty);
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(RootsError::Tls)?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
+}
+
 /// An error of one exchange with the provider.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -78,27 +113,11 @@ impl OidcHttpClient {
     ///
     /// When the CA bundle holds no usable certificate or TLS cannot be set up.
     pub fn new(options: &HttpClientOptions) -> Result<Self, HttpClientError> {
-        let mut roots = rustls::RootCertStore::empty();
-        match &options.ca_pem {
-            Some(pem) => {
-                for cert in CertificateDer::pem_slice_iter(pem) {
-                    let cert = cert.map_err(|e| HttpClientError::CaBundle(e.to_string()))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| HttpClientError::CaBundle(e.to_string()))?;
-                }
-                if roots.is_empty() {
-                    return Err(HttpClientError::CaBundle("no CERTIFICATE block".into()));
-                }
-            }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = tls_client_config(options.ca_pem.as_deref()).map_err(|e| match e {
+            RootsError::Tls(e) => HttpClientError::Tls(e),
+            RootsError::Pem(e) => HttpClientError::CaBundle(e),
+            RootsError::Empty => HttpClientError::CaBundle("no CERTIFICATE block".into()),
+        })?;
 
         let mut http = HttpConnector::new();
         http.enforce_http(false);

@@ -1438,7 +1438,9 @@ fn signed_out_page(end_session: Option<&Url>) -> String {
     )
 }
 
-fn html_escape(s: &str) -> String {
+/// Escapes text for HTML element content and quoted attribute values (the signed-out page here,
+/// the deny pages in `proxy::http::response`).
+pub fn html_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {

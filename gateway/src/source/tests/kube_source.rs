@@ -1,4 +1,5 @@
-//! The Kubernetes source against the stand-in API server (`fakeapi`), over real HTTP.
+//! The Kubernetes source against the stand-in API server (crate `kube-standin`), over real
+//! HTTP.
 //!
 //! Latencies are measured from the moment the stand-in has committed a change (the call that
 //! writes it returns) to the moment the source publishes a snapshot that reflects it: watch
@@ -8,15 +9,21 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::fakeapi::{FakeApi, Kind, Outage};
 use crate::source::kubernetes::{GatewayPeers, Health, KubernetesConfig, KubernetesSource};
 use crate::source::model::{DenyReason, ObjectKey, PolicyBinding, PolicySource, Snapshot};
 use crate::source::pods::CgroupDriver;
+use kube_standin::{FakeApi, Kind, Outage};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
 const NODE: &str = "node-a";
 const BUDGET: Duration = Duration::from_secs(1);
+
+/// A kube client for the stand-in (plain HTTP, no credentials).
+fn client(api: &FakeApi) -> kube::Client {
+    let config = kube::Config::new(api.url().parse().expect("url"));
+    kube::Client::try_from(config).expect("client")
+}
 
 fn service(name: &str, protected: bool, annotations: &Value) -> Value {
     let labels = if protected {
@@ -69,7 +76,7 @@ struct Harness {
 impl Harness {
     /// Starts the source against a stand-in holding `objects`, and waits for the first snapshot.
     async fn start(objects: Vec<Value>) -> Self {
-        let api = FakeApi::start().await;
+        let api = FakeApi::start();
         for obj in objects {
             api.apply(obj);
         }
@@ -79,7 +86,7 @@ impl Harness {
         config.backoff_initial = Duration::from_millis(100);
         config.backoff_max = Duration::from_millis(800);
         config.peers = Some(GatewayPeers::in_namespace("nodegate-system"));
-        let source = KubernetesSource::start(api.client(), config).expect("start");
+        let source = KubernetesSource::start(client(&api), config).expect("start");
         let snapshots = source.snapshots();
         let health = source.health();
         let mut h = Self {
@@ -352,7 +359,7 @@ async fn outage_keeps_last_known_good(outage: Outage) {
     );
 
     let healed = Instant::now();
-    h.api.heal().await;
+    h.api.heal();
     h.health_where("recovered", Duration::from_secs(5), Health::ready)
         .await;
     h.snapshot_where(

@@ -1,6 +1,5 @@
-//! The Kubernetes source against a stand-in API server (`fakeapi`) over real HTTP, and
-//! `daemonset/` against the Rust types.
+//! The Kubernetes source against the stand-in API server (crate `kube-standin`) over real HTTP,
+//! and `daemonset/` against the Rust types.
 
 mod daemonset;
-mod fakeapi;
 mod kube_source;

@@ -1,8 +1,9 @@
-//! A stand-in Kubernetes API server for tests (no kube-apiserver runs on these machines).
+//! A stand-in Kubernetes API server for Nodegate's tests (no kube-apiserver runs on these
+//! machines).
 //!
-//! It speaks the real protocol over HTTP/1.1 on loopback, for the kinds the gateway watches
-//! (`core/v1` services and pods, `discovery.k8s.io/v1` endpointslices, `nodegate.io/v1alpha1`
-//! accesspolicies with a status subresource):
+//! It speaks the real protocol over HTTP/1.1, for the kinds the gateway watches (`core/v1`
+//! services and pods, `discovery.k8s.io/v1` endpointslices, `nodegate.io/v1alpha1`
+//! accesspolicies with a status subresource, `events.k8s.io/v1` events):
 //! - list: `resourceVersion` in the list metadata, label and field selectors;
 //! - watch (`?watch=true|1`): a chunked stream of `ADDED`/`MODIFIED`/`DELETED` from the given
 //!   resourceVersion, `BOOKMARK`s when `allowWatchBookmarks=true`, `timeoutSeconds`; an object
@@ -15,14 +16,14 @@
 //! Tests drive it through [`FakeApi`]: write objects directly (like controllers would), break
 //! the API (refuse connections, or answer 500: not 503, which kube's client retries by itself),
 //! heal it, compact history, hold watches. Every response is written with `TCP_NODELAY`.
-
-#![allow(
-    dead_code,
-    reason = "the control API is complete; not every test uses every part"
-)]
+//!
+//! Used by the gateway's unit tests (`gateway/src/source/tests`, on loopback) and by the
+//! simulated-node harness of `nodegate-tests`, which binds it inside a node's network namespace
+//! through a [`Binder`] so that `gateway run` on that node reaches it.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -132,8 +133,16 @@ struct State {
     requests: Vec<String>,
 }
 
+/// Opens the listening socket at an address: [`FakeApi::start`] binds in the caller's network
+/// namespace; the harness binds from a thread that has entered a node's namespace. Called again
+/// by [`FakeApi::heal`] after [`Outage::Refuse`], for the same address.
+pub type Binder = Arc<dyn Fn(SocketAddr) -> io::Result<std::net::TcpListener> + Send + Sync>;
+
 struct Inner {
     addr: SocketAddr,
+    binder: Binder,
+    /// The runtime the server was started on: where a healed listener is served.
+    runtime: tokio::runtime::Handle,
     state: Mutex<State>,
     changes: broadcast::Sender<Arc<Change>>,
     /// Connections; aborted to cut every client off at once.
@@ -166,15 +175,33 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl FakeApi {
-    /// Starts on `127.0.0.1:0`.
-    pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("local addr");
+    /// Starts on `127.0.0.1:0`, on the current tokio runtime (panics outside one).
+    pub fn start() -> Self {
+        Self::start_with(
+            &tokio::runtime::Handle::current(),
+            "127.0.0.1:0".parse().expect("loopback address"),
+            Arc::new(std::net::TcpListener::bind),
+        )
+        .expect("bind loopback")
+    }
+
+    /// Starts at `addr` (port 0: any) on `runtime`, with the listening socket opened by
+    /// `binder`.
+    pub fn start_with(
+        runtime: &tokio::runtime::Handle,
+        addr: SocketAddr,
+        binder: Binder,
+    ) -> io::Result<Self> {
+        let listener = {
+            let _runtime = runtime.enter();
+            listen(&binder, addr)?
+        };
+        let addr = listener.local_addr()?;
         let (changes, _) = broadcast::channel(4096);
         let inner = Arc::new(Inner {
             addr,
+            binder,
+            runtime: runtime.clone(),
             state: Mutex::new(State {
                 rv: 100,
                 compacted: 0,
@@ -191,19 +218,18 @@ impl FakeApi {
             end_watches: watch::channel(0).0,
             bookmark_every: Duration::from_millis(300),
         });
-        let task = tokio::spawn(accept_loop(inner.clone(), listener));
+        let task = runtime.spawn(accept_loop(inner.clone(), listener));
         *lock(&inner.accept) = Some(task);
-        Self { inner }
+        Ok(Self { inner })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.inner.addr)
-    }
-
-    /// A kube client for this server.
-    pub fn client(&self) -> kube::Client {
-        let config = kube::Config::new(self.url().parse().expect("url"));
-        kube::Client::try_from(config).expect("client")
     }
 
     /// Creates or replaces an object (given whole, `status` included, like a controller).
@@ -287,14 +313,23 @@ impl FakeApi {
         lock(&self.inner.conns).abort_all();
     }
 
-    /// Repairs the API (re-opens the same port after [`Outage::Refuse`]).
-    pub async fn heal(&self) {
+    /// Repairs the API (re-opens the same port after [`Outage::Refuse`], with the [`Binder`]).
+    pub fn heal(&self) {
         let was = lock(&self.inner.state).outage.take();
         if was == Some(Outage::Refuse) {
-            let listener = TcpListener::bind(self.inner.addr).await.expect("re-bind");
-            let task = tokio::spawn(accept_loop(self.inner.clone(), listener));
+            let _runtime = self.inner.runtime.enter();
+            let listener = listen(&self.inner.binder, self.inner.addr).expect("re-bind");
+            let task = self
+                .inner
+                .runtime
+                .spawn(accept_loop(self.inner.clone(), listener));
             *lock(&self.inner.accept) = Some(task);
         }
+    }
+
+    /// The current outage, if the API is broken.
+    pub fn outage(&self) -> Option<Outage> {
+        lock(&self.inner.state).outage
     }
 
     /// Forgets history: watches resuming from any earlier resourceVersion get `410 Expired`.
@@ -330,10 +365,14 @@ impl FakeApi {
     }
 }
 
+/// Metadata the API server sets on create. A `uid` given by the test is kept (the harness names
+/// pods' cgroups after their UIDs before the objects exist).
 fn init_meta(state: &mut State, obj: &mut Value) {
     state.uids += 1;
     let n = state.uids;
-    obj["metadata"]["uid"] = json!(format!("{n:08x}-0000-4000-8000-{n:012x}"));
+    if !obj["metadata"]["uid"].is_string() {
+        obj["metadata"]["uid"] = json!(format!("{n:08x}-0000-4000-8000-{n:012x}"));
+    }
     obj["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
     obj["metadata"]["generation"] = json!(1);
 }
@@ -367,6 +406,13 @@ fn commit(
     state.history.push(change.clone());
     let _ = inner.changes.send(change);
     rv
+}
+
+/// A tokio listener from the binder's socket (must run inside a runtime).
+fn listen(binder: &Binder, addr: SocketAddr) -> io::Result<TcpListener> {
+    let listener = binder(addr)?;
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
 }
 
 async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {

@@ -113,6 +113,7 @@ fn bench(c: &mut Criterion) {
             identity: if n == 1 { &id_for_one } else { &id },
             workload: Some(&workload),
             source_ip: Some("10.1.2.3".parse().unwrap_or_else(|e| panic!("{e}"))),
+            spiffe_id: None,
             method: "GET",
             host: Some("App.Example.com:443"),
             path: &path,

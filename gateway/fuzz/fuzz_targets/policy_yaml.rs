@@ -47,6 +47,7 @@ fuzz_target!(|data: &[u8]| {
                     identity,
                     workload: wl,
                     source_ip: "10.1.2.3".parse().ok(),
+                    spiffe_id: None,
                     method,
                     host,
                     path: &path,

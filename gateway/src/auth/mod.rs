@@ -13,6 +13,7 @@
 //! changes) runs in [`Authenticator::refresh_loop`], spawned by the caller on the control runtime.
 
 mod cache;
+pub mod cert;
 pub mod config;
 pub mod cookie;
 mod discovery;

@@ -185,6 +185,7 @@ fn evaluate(
         identity,
         workload,
         source_ip: req.source,
+        spiffe_id: None,
         method: req.method,
         host: req.host,
         path,

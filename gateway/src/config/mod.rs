@@ -27,6 +27,7 @@ use crate::{
     },
     ebpf::{self, DesiredService, DesiredState, Mode},
     policy::{CompiledPolicy, Policy, wire::PolicySpec},
+    proxy::tls::{ServerTls, ServerTlsFiles, UpstreamTls, upstream::UpstreamTlsFiles},
 };
 
 /// The configuration `gateway run` uses without `--config`: protects nothing, listens on
@@ -243,6 +244,18 @@ pub struct HttpService {
     pub login: bool,
     #[serde(serialize_with = "as_inner")]
     pub policy: Arc<ServicePolicy>,
+    /// `tls:`: the gateway terminates TLS with this certificate.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::proxy::tls::serialize_opt"
+    )]
+    pub tls: Option<Arc<ServerTls>>,
+    /// `upstream_tls:`: backends are reached over TLS, verified against this CA.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::proxy::tls::serialize_opt"
+    )]
+    pub upstream_tls: Option<Arc<UpstreamTls>>,
 }
 
 fn as_inner<S: serde::Serializer, T: Serialize>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
@@ -1002,7 +1015,15 @@ fn parse_services(raw: Vec<raw::RawService>, p: &mut Problems) -> Vec<Service> {
                 Err(m) => p.push(format!("{base}.allow_sources[{j}]"), m),
             }
         }
-        let http = parse_http(&base, s.http, s.policy.as_ref(), p);
+        let mut http = parse_http(&base, s.http, s.policy.as_ref(), p);
+        parse_tls(
+            &base,
+            s.tls,
+            s.upstream_tls,
+            s.policy.is_some(),
+            http.as_mut(),
+            p,
+        );
         out.push(Service {
             id,
             name: s.name,
@@ -1060,7 +1081,60 @@ fn parse_http(
         identity_headers: raw.identity_headers,
         login: raw.login,
         policy,
+        tls: None,
+        upstream_tls: None,
     })
+}
+
+/// `tls:` and `upstream_tls:` of an HTTP service: the files are read and checked now, so that
+/// `check-config` finds a missing file, a bad PEM or a key that does not match its certificate.
+fn parse_tls(
+    base: &str,
+    tls: Option<raw::RawTls>,
+    upstream: Option<raw::RawUpstreamTls>,
+    has_policy: bool,
+    http: Option<&mut HttpService>,
+    p: &mut Problems,
+) {
+    if !has_policy {
+        for (field, set) in [("tls", tls.is_some()), ("upstream_tls", upstream.is_some())] {
+            if set {
+                p.push(
+                    format!("{base}.{field}"),
+                    "set without a `policy`: TLS is terminated for HTTP services only (a \
+                     service without a policy passes TLS through under its L4 rule)",
+                );
+            }
+        }
+        return;
+    }
+    // A policy that did not parse was reported already.
+    let Some(http) = http else { return };
+    if let Some(raw) = tls {
+        let loaded = ServerTlsFiles::new(
+            raw.cert_file,
+            raw.key_file,
+            raw.client_ca_file,
+            raw.client_cert,
+        )
+        .and_then(|files| ServerTls::load(files, http.hosts.clone()));
+        match loaded {
+            Ok(tls) => http.tls = Some(Arc::new(tls)),
+            Err(e) => p.push(format!("{base}.tls.{}", e.field()), e.to_string()),
+        }
+    }
+    if let Some(raw) = upstream {
+        let loaded = UpstreamTls::load(UpstreamTlsFiles {
+            ca_file: raw.ca_file,
+            server_name: raw.server_name,
+            cert_file: raw.cert_file,
+            key_file: raw.key_file,
+        });
+        match loaded {
+            Ok(tls) => http.upstream_tls = Some(Arc::new(tls)),
+            Err(e) => p.push(format!("{base}.upstream_tls.{}", e.field()), e.to_string()),
+        }
+    }
 }
 
 fn parse_host_name(value: &str) -> Result<String, String> {

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use crate::{
     auth::{AuthConfig, login_config::LoginConfig},
     ebpf::Mode,
+    proxy::tls::ClientCertMode,
 };
 
 #[derive(Debug, Deserialize)]
@@ -107,4 +108,26 @@ pub(super) struct RawService {
     /// Kept as YAML: its canonical text is hashed into the policy version, then parsed by
     /// the policy module's own wire types.
     pub policy: Option<serde_yaml::Value>,
+    /// TLS termination for an HTTP service.
+    pub tls: Option<RawTls>,
+    /// TLS to the backends of an HTTP service.
+    pub upstream_tls: Option<RawUpstreamTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+    pub client_cert: Option<ClientCertMode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstreamTls {
+    pub ca_file: PathBuf,
+    pub server_name: Option<String>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }

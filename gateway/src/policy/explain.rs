@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::matcher::{CompiledPolicy, Decision, Node, Prepared, RuleSet, StrSet};
 use super::model::{ClaimOp, ClaimScalar, IdentityKind, RequestContext, RuleKind};
+use super::spiffe::SpiffePattern;
 
 /// The decision and how each rule contributed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -159,6 +160,13 @@ fn identity_why(
             Some(i) => format!("issuer `{i}` {is} one of {}", list(set)),
             None => "issuer: identity has no issuer".to_owned(),
         },
+        Node::SpiffeId(patterns) => {
+            let want = list_iter(patterns.iter().map(SpiffePattern::as_written));
+            match ctx.spiffe_id {
+                Some(s) => format!("SPIFFE ID `{s}` {} {want}", verdict(matched)),
+                None => format!("no client certificate with a SPIFFE ID (wanted {want})"),
+            }
+        }
         Node::Workload {
             namespace,
             service_account,

@@ -30,6 +30,7 @@ use super::model::{
     ClaimOp, ClaimScalar, Condition, Criterion, GlobSegment, HostPattern, IdentityKind,
     PathPattern, Policy, RequestContext, Rule, TimeWindow,
 };
+use super::spiffe::SpiffePattern;
 
 /// Allow or deny.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -266,6 +267,7 @@ pub(super) enum Node {
         op: ClaimOp,
     },
     Issuer(StrSet),
+    SpiffeId(Box<[SpiffePattern]>),
     Workload {
         namespace: Option<Box<str>>,
         service_account: Option<Box<str>>,
@@ -319,6 +321,7 @@ impl Node {
                 op: c.op().clone(),
             },
             Criterion::Issuer(v) => Self::Issuer(set(v, false)),
+            Criterion::SpiffeId(v) => Self::SpiffeId(v.clone().into_boxed_slice()),
             Criterion::Workload(w) => Self::Workload {
                 namespace: w.namespace().map(Into::into),
                 service_account: w.service_account().map(Into::into),
@@ -377,6 +380,9 @@ impl Node {
             Self::Groups(set) => id.groups.iter().any(|g| set.contains(g)),
             Self::Claim { name, op } => claim_matches(id.claims.get(&**name), op),
             Self::Issuer(set) => id.issuer.as_deref().is_some_and(|i| set.contains(i)),
+            Self::SpiffeId(patterns) => ctx
+                .spiffe_id
+                .is_some_and(|s| patterns.iter().any(|p| p.matches(s))),
             Self::Workload {
                 namespace,
                 service_account,
@@ -946,6 +952,7 @@ pub(crate) mod tests {
         pub identity: Identity,
         pub workload: Option<Workload>,
         pub ip: Option<IpAddr>,
+        pub spiffe_id: Option<String>,
         pub method: String,
         pub host: Option<String>,
         pub path: String,
@@ -965,6 +972,7 @@ pub(crate) mod tests {
                 },
                 workload: None,
                 ip: Some("192.0.2.10".parse().unwrap()),
+                spiffe_id: None,
                 method: "GET".into(),
                 host: Some("app.example.com".into()),
                 path: "/".into(),
@@ -978,6 +986,7 @@ pub(crate) mod tests {
                 identity: &self.identity,
                 workload: self.workload.as_ref(),
                 source_ip: self.ip,
+                spiffe_id: self.spiffe_id.as_deref(),
                 method: &self.method,
                 host: self.host.as_deref(),
                 path: &path,
@@ -1206,6 +1215,32 @@ pub(crate) mod tests {
         (
             "{issuer: 'https://idp.example.com'}",
             |r| r.identity.issuer = None,
+            false,
+        ),
+        // spiffe_id: exact, or below a path; only from a verified certificate.
+        (
+            "{spiffe_id: 'spiffe://td.test/ns/ci/sa/builder'}",
+            |r| r.spiffe_id = Some("spiffe://td.test/ns/ci/sa/builder".into()),
+            true,
+        ),
+        (
+            "{spiffe_id: 'spiffe://td.test/ns/ci/sa/builder'}",
+            |_| {},
+            false,
+        ),
+        (
+            "{spiffe_id: 'spiffe://td.test/ns/ci/sa/builder'}",
+            |r| r.spiffe_id = Some("spiffe://td.test/ns/ci/sa/builder2".into()),
+            false,
+        ),
+        (
+            "{spiffe_id: ['spiffe://other.test/a', 'spiffe://td.test/ns/ci/*']}",
+            |r| r.spiffe_id = Some("spiffe://td.test/ns/ci/sa/builder".into()),
+            true,
+        ),
+        (
+            "{spiffe_id: 'spiffe://td.test/*'}",
+            |r| r.spiffe_id = Some("spiffe://td.test.evil/ns/ci".into()),
             false,
         ),
         // workload: every given part.

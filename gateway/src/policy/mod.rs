@@ -33,6 +33,9 @@
 //! #   claim: { name: <str>, equals: <string|number|bool> }   typed, no coercion
 //! #   claim: { name: <str>, contains: <str> }   string claim: substring; array: element
 //! #   issuer: <str|[str]>          exact
+//! #   spiffe_id: <str|[str]>       SPIFFE ID (`spiffe://...` URI SAN) of the verified TLS client
+//! #       certificate; exact, or `spiffe://td/path/*` for every ID below that path
+//! #       (`spiffe://td/*`: the trust domain); no certificate, no SPIFFE ID: no match
 //! #   workload: { namespace?, service_account?, labels?: {k: v} }   all given parts
 //! #   method: <str|[str]>          upper-case RFC 9110 tokens; case-sensitive
 //! #   host: <str|[str]>            `name` or `*.suffix`; no port; case-insensitive
@@ -51,6 +54,7 @@ pub mod explain;
 pub mod matcher;
 pub mod model;
 pub mod path;
+pub mod spiffe;
 pub mod wire;
 
 pub use explain::{Explanation, RuleTrace};

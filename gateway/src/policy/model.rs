@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use super::path::{CanonicalPath, MAX_PATH_LEN};
+use super::spiffe::SpiffePattern;
 use super::wire::{
     ClaimSpec, ConditionSpec, PathSpec, PolicyDocument, PolicySpec, RuleSpec, StringList,
     TimeWindowSpec, WorkloadSpec,
@@ -80,8 +81,8 @@ pub enum InvalidPolicy {
     DefaultNotDeny(String),
     #[error(
         "empty condition: give exactly one criterion (user, email, email_domain, groups, claim, \
-         issuer, workload, method, host, path, source_cidr, time_window) or combinator (and, or, \
-         not)"
+         issuer, spiffe_id, workload, method, host, path, source_cidr, time_window) or \
+         combinator (and, or, not)"
     )]
     EmptyCondition,
     #[error(
@@ -115,6 +116,8 @@ pub enum InvalidPolicy {
     InvalidHost { host: String, reason: &'static str },
     #[error("e-mail `{email}` is invalid: {reason}")]
     InvalidEmail { email: String, reason: &'static str },
+    #[error("`{value}` is not a SPIFFE ID or `<SPIFFE ID>/*` pattern: {reason}")]
+    InvalidSpiffeId { value: String, reason: &'static str },
     #[error("e-mail domain `{domain}` is invalid: {reason}")]
     InvalidEmailDomain {
         domain: String,
@@ -148,7 +151,7 @@ pub enum InvalidPolicy {
     #[error(
         "`source_cidr` is only an extra condition: put it directly in an `and` together with at \
          least one identity criterion (user, email, email_domain, groups, claim, issuer, \
-         workload); an allow rule must never be network-only"
+         spiffe_id, workload); an allow rule must never be network-only"
     )]
     SourceCidrInAllow,
     #[error(
@@ -315,6 +318,8 @@ pub enum Criterion {
     Claim(ClaimMatch),
     /// Token issuer; exact.
     Issuer(Vec<String>),
+    /// SPIFFE ID of the verified client certificate; exact or below a path.
+    SpiffeId(Vec<SpiffePattern>),
     Workload(WorkloadMatch),
     /// Upper-case method tokens; exact.
     Method(Vec<String>),
@@ -335,6 +340,7 @@ impl Criterion {
             Self::Groups(_) => "groups",
             Self::Claim(_) => "claim",
             Self::Issuer(_) => "issuer",
+            Self::SpiffeId(_) => "spiffe_id",
             Self::Workload(_) => "workload",
             Self::Method(_) => "method",
             Self::Host(_) => "host",
@@ -355,6 +361,7 @@ impl Criterion {
                 | Self::Groups(_)
                 | Self::Claim(_)
                 | Self::Issuer(_)
+                | Self::SpiffeId(_)
                 | Self::Workload(_)
         )
     }
@@ -579,6 +586,9 @@ pub struct RequestContext<'a> {
     pub identity: &'a Identity,
     pub workload: Option<&'a Workload>,
     pub source_ip: Option<IpAddr>,
+    /// The SPIFFE ID of the client certificate verified in the TLS handshake (never from a
+    /// header or a token).
+    pub spiffe_id: Option<&'a str>,
     /// As received; compared case-sensitively (RFC 9110 §9.1).
     pub method: &'a str,
     /// `Host` / `:authority`, port and case as received; normalised by the matcher.
@@ -654,6 +664,7 @@ fn present_keys(c: &ConditionSpec) -> Vec<&'static str> {
         ("groups", c.groups.is_some()),
         ("claim", c.claim.is_some()),
         ("issuer", c.issuer.is_some()),
+        ("spiffe_id", c.spiffe_id.is_some()),
         ("workload", c.workload.is_some()),
         ("method", c.method.is_some()),
         ("host", c.host.is_some()),
@@ -690,6 +701,7 @@ fn condition(spec: ConditionSpec, path: &str, depth: usize) -> Result<Condition,
         groups,
         claim,
         issuer,
+        spiffe_id,
         workload,
         method,
         host,
@@ -734,6 +746,13 @@ fn condition(spec: ConditionSpec, path: &str, depth: usize) -> Result<Condition,
         Criterion::Claim(claim_match(spec, &at("claim"))?)
     } else if let Some(list) = issuer {
         Criterion::Issuer(plain_list(list, "issuer", &at("issuer"))?)
+    } else if let Some(list) = spiffe_id {
+        Criterion::SpiffeId(checked_list(
+            list,
+            "spiffe_id",
+            &at("spiffe_id"),
+            spiffe_value,
+        )?)
     } else if let Some(spec) = workload {
         Criterion::Workload(workload_match(spec, &at("workload"))?)
     } else if let Some(list) = method {
@@ -811,6 +830,10 @@ fn checked_list<T>(
         out.push(check(item).map_err(|kind| PolicyError::at(item_path(), kind))?);
     }
     Ok(out)
+}
+
+fn spiffe_value(value: String) -> Result<SpiffePattern, InvalidPolicy> {
+    SpiffePattern::parse(&value).map_err(|reason| InvalidPolicy::InvalidSpiffeId { value, reason })
 }
 
 fn method_value(m: String) -> Result<String, InvalidPolicy> {
@@ -1559,6 +1582,14 @@ policy:
                     reason: "no wildcards: the domain is compared exactly (subdomains do not match)",
                 },
             ),
+            (
+                allow("{spiffe_id: ['spiffe://td.test/a', 'spiffe://td.test/a/']}"),
+                "policy.allow[0].when.spiffe_id[1]",
+                E::InvalidSpiffeId {
+                    value: "spiffe://td.test/a/".into(),
+                    reason: "a path segment is empty (`//` or a trailing `/`)",
+                },
+            ),
             (allow("{path: {}}"), "policy.allow[0].when.path", E::PathMatcherCount),
             (
                 allow("{path: {exact: /a, prefix: /b}}"),
@@ -1907,8 +1938,8 @@ policy:
             e.to_string(),
             "policy.allow[0].when.source_cidr: `source_cidr` is only an extra condition: put it \
              directly in an `and` together with at least one identity criterion (user, email, \
-             email_domain, groups, claim, issuer, workload); an allow rule must never be \
-             network-only"
+             email_domain, groups, claim, issuer, spiffe_id, workload); an allow rule must \
+             never be network-only"
         );
         let e = parse("policy:\n  default: allow\n").unwrap_err();
         assert_eq!(

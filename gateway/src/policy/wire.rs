@@ -80,6 +80,8 @@ pub struct ConditionSpec {
     #[serde(default)]
     pub issuer: Option<StringList>,
     #[serde(default)]
+    pub spiffe_id: Option<StringList>,
+    #[serde(default)]
     pub workload: Option<WorkloadSpec>,
     #[serde(default)]
     pub method: Option<StringList>,
@@ -390,6 +392,10 @@ pub mod schema {
             ),
             ("groups", "Any of the identity's groups; exact."),
             ("issuer", "Token issuer; exact."),
+            (
+                "spiffe_id",
+                "SPIFFE ID of the verified client certificate; exact, or `<id>/*` below it.",
+            ),
             ("method", "Upper-case HTTP methods."),
             ("host", "Host names, `name` or `*.suffix`, without port."),
             (

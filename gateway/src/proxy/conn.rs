@@ -13,7 +13,7 @@ use super::{
     detect::{self, Detected},
     forward,
     http::{self, Protocol},
-    upstream,
+    tls, upstream,
 };
 use crate::telemetry::{ConnectionLine, Decision, Reason};
 
@@ -94,6 +94,20 @@ pub(super) async fn handle(
         let protocol = match detect::detect(&client, DETECT_WAIT).await {
             Detected::Http1 => Protocol::Http1,
             Detected::Http2 => Protocol::Http2,
+            Detected::Tls if route.service.http.as_ref().is_some_and(|h| h.tls.is_some()) => {
+                // The gateway holds this service's certificate: terminate, then HTTP.
+                return tls::serve(
+                    client,
+                    orig,
+                    &shared,
+                    &routes,
+                    route,
+                    line,
+                    started,
+                    (draining, abort),
+                )
+                .await;
+            }
             Detected::Tls => {
                 line.sni = detect::peek_sni(&client).await;
                 return forward_l4(client, &shared, &routes, route, line, started, abort).await;
@@ -120,6 +134,7 @@ pub(super) async fn handle(
             peer,
             orig,
             protocol,
+            None,
             shared.clone(),
             draining,
             abort,

@@ -12,6 +12,7 @@ pub mod http;
 pub mod routes;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 mod upstream;
 
 use std::{
@@ -152,11 +153,14 @@ pub async fn serve(
         ));
     }
     drop(open_tx);
+    // Certificate files of TLS services: new content for new handshakes.
+    let tls_watch = tokio::spawn(tls::watch(shared.routes.clone(), shutdown.clone()));
     tokio::select! {
         _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => {}
         Some(res) = accepting.join_next() => {
             // An accept loop only returns on a fatal listener error.
             accepting.abort_all();
+            tls_watch.abort();
             return match res {
                 Ok(Err(err)) => Err(ProxyError::Listener(err)),
                 _ => Err(ProxyError::Listener(io::Error::other("accept loop ended"))),
@@ -164,6 +168,7 @@ pub async fn serve(
         }
     }
     accepting.abort_all();
+    tls_watch.abort();
     while accepting.join_next().await.is_some() {}
     let open = shared.metrics.connections_active().get();
     tracing::info!(

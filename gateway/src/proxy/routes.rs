@@ -27,6 +27,8 @@ pub type SharedRoutes = Arc<ArcSwap<Routes>>;
 pub struct Routes {
     dests: HashMap<SocketAddr, Route>,
     services: HashMap<u32, Arc<ServiceRoute>>,
+    /// Services that terminate TLS, in config order (SNI selection).
+    tls_services: Vec<Arc<ServiceRoute>>,
     pub connect_timeout: Duration,
     pub workloads: Workloads,
 }
@@ -115,6 +117,7 @@ impl Routes {
     pub fn new(config: &Config) -> Self {
         let mut dests = HashMap::new();
         let mut services = HashMap::new();
+        let mut tls_services = Vec::new();
         for s in &config.services {
             let service = Arc::new(ServiceRoute {
                 id: s.id,
@@ -145,11 +148,15 @@ impl Routes {
                     },
                 );
             }
+            if s.http.as_ref().is_some_and(|h| h.tls.is_some()) {
+                tls_services.push(service.clone());
+            }
             services.insert(s.id, service);
         }
         Self {
             dests,
             services,
+            tls_services,
             connect_timeout: config.proxy.connect_timeout,
             workloads: Workloads::new(&config.workloads),
         }
@@ -167,6 +174,34 @@ impl Routes {
 
     pub fn service(&self, id: u32) -> Option<&ServiceRoute> {
         self.services.get(&id).map(AsRef::as_ref)
+    }
+
+    /// A service reached through another service's address (chosen by TLS SNI): any of its
+    /// endpoints, those of the dialed family first.
+    pub fn service_route(&self, id: u32, v6: bool) -> Option<Route> {
+        self.services.get(&id).map(|service| Route {
+            service: service.clone(),
+            target: Target::Vip { v6 },
+        })
+    }
+
+    /// Services that terminate TLS, in config order.
+    pub fn tls_services(&self) -> &[Arc<ServiceRoute>] {
+        &self.tls_services
+    }
+
+    /// The TLS service that answers to `sni` (lower case): an exact name first, then a
+    /// wildcard; the first in config order among equals.
+    pub fn by_sni(&self, sni: &str) -> Option<&Arc<ServiceRoute>> {
+        let tls = |s: &&Arc<ServiceRoute>| s.http.as_ref().and_then(|h| h.tls.clone());
+        self.tls_services
+            .iter()
+            .find(|s| tls(s).is_some_and(|t| t.serves_name(sni, true)))
+            .or_else(|| {
+                self.tls_services
+                    .iter()
+                    .find(|s| tls(s).is_some_and(|t| t.serves_name(sni, false)))
+            })
     }
 }
 

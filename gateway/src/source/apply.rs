@@ -141,6 +141,8 @@ fn http_of(svc: &ProtectedService) -> (Option<HttpService>, Option<String>) {
                 identity_headers: false,
                 login: false,
                 policy: Arc::new(policy),
+                tls: None,
+                upstream_tls: None,
             }),
             None,
         ),

@@ -1,12 +1,12 @@
 //! The decision log vocabulary and the two kinds of lines (docs/ARCHITECTURE.md, "Decision log
 //! lines"). Fields without a value (no original destination, so no service) are omitted.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use serde::{Serialize, Serializer};
 
 use super::{DECISION_TARGET, Metrics, format::OBJECT_FIELD};
-use crate::ebpf::Mode;
+use crate::{auth::cert::CertIdentity, ebpf::Mode};
 
 /// What happened to a connection. `WouldDeny`: audit mode, the rule denied, forwarded anyway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +36,12 @@ pub enum Reason {
     UpstreamUnavailable,
     /// An HTTP service's client sent nothing decisive in time.
     ProtocolTimeout,
+    /// The TLS handshake with the client failed (not TLS, no common parameters, a timeout).
+    TlsHandshakeFailed,
+    /// The service requires a client certificate and the client sent none.
+    ClientCertRequired,
+    /// The client certificate did not verify (another CA, expired, not for client auth).
+    ClientCertInvalid,
 }
 
 impl Reason {
@@ -47,6 +53,9 @@ impl Reason {
             Self::UnknownDestination => "unknown_destination",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::ProtocolTimeout => "protocol_detect_timeout",
+            Self::TlsHandshakeFailed => "tls_handshake_failed",
+            Self::ClientCertRequired => "client_cert_required",
+            Self::ClientCertInvalid => "client_cert_invalid",
         }
     }
 }
@@ -71,6 +80,8 @@ pub struct ConnectionLine<'a> {
     pub sni: Option<String>,
     pub decision: Decision,
     pub reason: Reason,
+    /// What the TLS library said about a failed handshake.
+    pub detail: Option<String>,
     pub upstream: Option<SocketAddr>,
     pub bytes_up: u64,
     pub bytes_down: u64,
@@ -90,6 +101,7 @@ impl<'a> ConnectionLine<'a> {
             sni: None,
             decision: Decision::Deny,
             reason: Reason::NoOriginalDestination,
+            detail: None,
             upstream: None,
             bytes_up: 0,
             bytes_down: 0,
@@ -112,6 +124,7 @@ impl<'a> ConnectionLine<'a> {
             sni = self.sni.as_deref(),
             decision = self.decision.as_str(),
             reason = self.reason.as_str(),
+            detail = self.detail.as_deref(),
             upstream = self.upstream.map(display),
             bytes_up = self.bytes_up,
             bytes_down = self.bytes_down,
@@ -150,6 +163,17 @@ pub struct IdentityLog {
     pub issuer: Option<String>,
 }
 
+/// The TLS side of a request that came over a connection the gateway terminated.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsLog {
+    /// The server name the client asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// The verified client certificate (mTLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<CertIdentity>,
+}
+
 /// The calling workload: from a verified `ServiceAccount` token, or the source the kernel saw.
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkloadLog {
@@ -184,6 +208,12 @@ pub struct RequestLine {
     pub identity: IdentityLog,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workload: Option<WorkloadLog>,
+    /// Set when the gateway terminated TLS for the request's connection.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::proxy::tls::serialize_opt"
+    )]
+    pub tls: Option<Arc<TlsLog>>,
     #[serde(serialize_with = "display")]
     pub src: SocketAddr,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -223,6 +253,7 @@ impl RequestLine {
                 ..IdentityLog::default()
             },
             workload: None,
+            tls: None,
             src,
             dst: None,
             cgroup_id: None,

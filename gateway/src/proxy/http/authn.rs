@@ -66,6 +66,9 @@ pub struct LoginRequest<'a> {
     /// For the deny page of a refused login step.
     pub request_id: &'a str,
     pub html: bool,
+    /// The client connection is TLS (terminated by the gateway): `https` redirects, `Secure`
+    /// cookies.
+    pub tls: bool,
 }
 
 /// What the login seam answered, and what the decision line says about it.
@@ -86,8 +89,14 @@ pub struct LoginAnswer {
 /// proxy when the config has a `login:` section. Only services with `http.login: true` use it
 /// for sessions and login redirects; its cookies are removed from every forwarded request.
 pub trait LoginFlow: Send + Sync + 'static {
-    /// The session of a request without a bearer token, from its cookies.
-    fn session<'a>(&'a self, service: &'a str, headers: &'a HeaderMap) -> SessionFuture<'a>;
+    /// The session of a request without a bearer token, from its cookies; `tls`: the client
+    /// connection is TLS (a renewed cookie is then `Secure`).
+    fn session<'a>(
+        &'a self,
+        service: &'a str,
+        headers: &'a HeaderMap,
+        tls: bool,
+    ) -> SessionFuture<'a>;
 
     /// The response that starts a login for a browser request that policy denied for lack of
     /// an identity: normally a 302 to the identity provider that comes back to `req.target`.
@@ -135,6 +144,7 @@ pub async fn authenticate(
     login: Option<&dyn LoginFlow>,
     service: &str,
     headers: &HeaderMap,
+    tls: bool,
 ) -> (Authn, HeaderMap) {
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         let token = value
@@ -157,7 +167,7 @@ pub async fn authenticate(
         return (authn, HeaderMap::new());
     }
     if let Some(login) = login {
-        match login.session(service, headers).await {
+        match login.session(service, headers, tls).await {
             SessionLookup::NoSession => {}
             SessionLookup::Valid {
                 identity,

@@ -3,8 +3,8 @@
 //!
 //! The proxy hands over canonical targets only: the reserved-path match and the post-login
 //! return path are computed from the path that policy saw, never from the raw request line.
-//! Client connections to HTTP services are plain HTTP here (TLS passes through under the L4
-//! rule), so cookies are issued without `Secure`.
+//! Cookies are `Secure` and redirect URIs `https` when the gateway terminated TLS for the
+//! request (`LoginRequest::tls`), plain otherwise.
 
 use std::{sync::Arc, time::SystemTime};
 
@@ -52,9 +52,9 @@ impl BrowserLogin {
         }
     }
 
-    fn clear_cookie(&self) -> HeaderMap {
+    fn clear_cookie(&self, tls: bool) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        if let Some(clear) = self.flow.sessions().clear_cookie(false) {
+        if let Some(clear) = self.flow.sessions().clear_cookie(tls) {
             headers.append(header::SET_COOKIE, clear);
         }
         headers
@@ -65,7 +65,10 @@ impl BrowserLogin {
 /// host the proxy checked even for HTTP/2, where it is not in a `Host` header.
 fn request_uri(req: &LoginRequest<'_>) -> Uri {
     req.host
-        .and_then(|h| format!("http://{h}{}", req.target).parse().ok())
+        .and_then(|h| {
+            let scheme = if req.tls { "https" } else { "http" };
+            format!("{scheme}://{h}{}", req.target).parse().ok()
+        })
         .or_else(|| req.target.parse().ok())
         .unwrap_or_else(|| Uri::from_static("/"))
 }
@@ -119,7 +122,12 @@ fn refused(req: &LoginRequest<'_>, err: &LoginError) -> LoginAnswer {
 }
 
 impl authn::LoginFlow for BrowserLogin {
-    fn session<'a>(&'a self, _service: &'a str, headers: &'a HeaderMap) -> SessionFuture<'a> {
+    fn session<'a>(
+        &'a self,
+        _service: &'a str,
+        headers: &'a HeaderMap,
+        tls: bool,
+    ) -> SessionFuture<'a> {
         Box::pin(async move {
             let method = hyper::Method::GET;
             let uri = Uri::from_static("/");
@@ -127,7 +135,7 @@ impl authn::LoginFlow for BrowserLogin {
                 method: &method,
                 uri: &uri,
                 headers,
-                tls: false,
+                tls,
             };
             match self.flow.authenticate(&ctx, SystemTime::now()).await {
                 Ok(None) => SessionLookup::NoSession,
@@ -145,7 +153,7 @@ impl authn::LoginFlow for BrowserLogin {
                     tracing::debug!(reason = err.reason(), error = %err, "session cookie refused");
                     SessionLookup::Refused {
                         reason: err.reason(),
-                        response_headers: self.clear_cookie(),
+                        response_headers: self.clear_cookie(tls),
                     }
                 }
             }
@@ -159,7 +167,7 @@ impl authn::LoginFlow for BrowserLogin {
                 method: req.method,
                 uri: &uri,
                 headers: req.headers,
-                tls: false,
+                tls: req.tls,
             };
             match self.flow.start(&ctx, req.target, SystemTime::now()).await {
                 Ok(response) => LoginAnswer {
@@ -180,7 +188,7 @@ impl authn::LoginFlow for BrowserLogin {
                 method: req.method,
                 uri: &uri,
                 headers: req.headers,
-                tls: false,
+                tls: req.tls,
             };
             match self.flow.handle(&ctx, SystemTime::now()).await {
                 None => LoginAnswer {

@@ -16,14 +16,13 @@ pub mod assertion;
 pub mod authn;
 pub mod framing;
 pub mod headers;
+mod io;
 pub mod login;
 pub mod response;
 mod upstream;
 
 use std::{
-    io,
     net::SocketAddr,
-    os::fd::AsFd as _,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicUsize, Ordering},
@@ -40,8 +39,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     sync::{Notify, watch},
 };
 
@@ -59,7 +57,7 @@ use self::{
     },
     response::{ProxyBody, Refusal, accepts_html, refusal},
 };
-use super::{OrigDst, Shared, routes::Route};
+use super::{OrigDst, Shared, routes::Route, tls::TlsConn};
 use crate::{
     auth::Identity,
     config::HttpService,
@@ -127,8 +125,21 @@ struct Conn {
     peer: SocketAddr,
     orig: OrigDst,
     protocol: Protocol,
+    /// Set when the gateway terminated TLS for this connection.
+    tls: Option<Arc<TlsConn>>,
     /// Requests whose response body hyper still holds.
     in_flight: Arc<AtomicUsize>,
+}
+
+impl Conn {
+    /// The connection's route in `routes`: the service SNI chose, else the original
+    /// destination's.
+    fn route(&self, routes: &super::Routes) -> Option<Route> {
+        match self.tls.as_ref().and_then(|t| t.service) {
+            Some(id) => routes.service_route(id, self.orig.dst.ip().to_canonical().is_ipv6()),
+            None => routes.resolve(self.orig.dst).cloned(),
+        }
+    }
 }
 
 /// Counts a response until hyper drops its body (written, or the connection gone).
@@ -147,23 +158,32 @@ impl Drop for InFlight {
     }
 }
 
-/// Serves one redirected connection to an HTTP service until it closes. When the proxy starts
+/// Serves one redirected connection to an HTTP service until it closes: a TCP stream, or the
+/// decrypted stream of a TLS connection the gateway terminated (`tls`). When the proxy starts
 /// draining, hyper finishes the requests in flight and closes the connection (idle keep-alive
 /// connections at once); at the drain timeout (`abort`) it gets [`CLOSE_GRACE`] more.
-pub(super) async fn serve(
-    stream: TcpStream,
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the connection's state, handed over as it is"
+)]
+pub(super) async fn serve<S>(
+    stream: S,
     peer: SocketAddr,
     orig: OrigDst,
     protocol: Protocol,
+    tls: Option<Arc<TlsConn>>,
     shared: Arc<Shared>,
     mut draining: watch::Receiver<bool>,
     mut abort: watch::Receiver<bool>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let conn = Arc::new(Conn {
         shared,
         peer,
         orig,
         protocol,
+        tls,
         in_flight: Arc::new(AtomicUsize::new(0)),
     });
     let service = {
@@ -203,12 +223,13 @@ pub(super) async fn serve(
     }
 }
 
-async fn serve_http1<S>(
-    stream: TcpStream,
+async fn serve_http1<IO, S>(
+    stream: IO,
     conn: Arc<Conn>,
     service: S,
     aborted: impl Future<Output = ()>,
 ) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
             Request<Incoming>,
             Response = Response<ProxyBody>,
@@ -216,11 +237,8 @@ async fn serve_http1<S>(
         >,
     S::Future: Send + 'static,
 {
-    // A second handle on the socket, to answer a refused request after hyper let go of it.
-    let spare = stream
-        .as_fd()
-        .try_clone_to_owned()
-        .map(std::net::TcpStream::from);
+    // Taken back once hyper is dropped, to answer a refused request.
+    let (stream, handle) = io::SharedIo::new(stream);
     let slot = Arc::new(RefusedSlot::default());
     let guard = FramingGuard::new(stream, slot.clone());
     let served = hyper::server::conn::http1::Builder::new()
@@ -229,7 +247,7 @@ async fn serve_http1<S>(
         .keep_alive(true)
         .serve_connection(TokioIo::new(guard), service)
         .with_upgrades();
-    tokio::pin!(served);
+    let mut served = Box::pin(served);
     tokio::pin!(aborted);
     let result = tokio::select! {
         res = served.as_mut() => res.err(),
@@ -255,11 +273,13 @@ async fn serve_http1<S>(
             tokio::time::timeout(CLOSE_GRACE, served.as_mut()).await.ok().and_then(Result::err)
         }
     };
+    // hyper lets go of the stream.
+    drop(served);
     let refused = slot.take();
     match refused {
         Some(refused) => {
-            if let Ok(spare) = spare {
-                answer_refused(spare, &conn, refused).await;
+            if let Some(stream) = io::reclaim(handle) {
+                answer_refused(stream, &conn, refused).await;
             }
         }
         None => log_conn_error(result, &conn),
@@ -290,7 +310,10 @@ impl framing::OnRefused for RefusedSlot {
 }
 
 /// Writes the 400 for a request whose framing was refused, logs it, and closes.
-async fn answer_refused(spare: std::net::TcpStream, conn: &Conn, refused: Refused) {
+async fn answer_refused<S>(mut stream: S, conn: &Conn, refused: Refused)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let started = Instant::now();
     let request_id = headers::request_id();
     let reason = refused
@@ -304,23 +327,21 @@ async fn answer_refused(spare: std::net::TcpStream, conn: &Conn, refused: Refuse
     line.reason = reason;
     line.status = 400;
     let bytes = response::raw_refusal(reason, &request_id, refused.accept_html);
-    if let Ok(mut stream) = TcpStream::from_std(spare) {
-        let _ = stream.write_all(&bytes).await;
-        let _ = stream.shutdown().await;
-        // Read what the client still sends (briefly) so that closing does not reset the
-        // connection and destroy the 400 before it was read.
-        let mut sink = vec![0u8; 16 * 1024];
-        let mut left = LINGER_DRAIN;
-        let _ = tokio::time::timeout(Duration::from_millis(200), async {
-            while left > 0 {
-                match stream.read(&mut sink).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => left = left.saturating_sub(n),
-                }
+    let _ = stream.write_all(&bytes).await;
+    let _ = stream.shutdown().await;
+    // Read what the client still sends (briefly) so that closing does not reset the
+    // connection and destroy the 400 before it was read.
+    let mut sink = vec![0u8; 16 * 1024];
+    let mut left = LINGER_DRAIN;
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
             }
-        })
-        .await;
-    }
+        }
+    })
+    .await;
     line.latency_us = micros(started);
     line.emit(&conn.shared.metrics);
 }
@@ -352,12 +373,13 @@ fn new_line(conn: &Conn, request_id: String) -> RequestLine {
     );
     line.dst = Some(conn.orig.dst);
     line.cgroup_id = Some(conn.orig.cgroup_id);
+    line.tls = conn.tls.as_ref().map(|t| t.log.clone());
     line
 }
 
 fn resolve_service(conn: &Conn, line: &mut RequestLine) {
     let routes = conn.shared.routes.load();
-    if let Some(route) = routes.resolve(conn.orig.dst) {
+    if let Some(route) = conn.route(&routes) {
         line.service = Some(route.service.name.clone());
         line.mode = Some(route.service.mode);
     }
@@ -462,7 +484,7 @@ async fn process(
     html: bool,
 ) -> Response<ProxyBody> {
     let routes = conn.shared.routes.load_full();
-    let Some(route) = routes.resolve(conn.orig.dst) else {
+    let Some(route) = conn.route(&routes) else {
         return refuse(
             line,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -471,6 +493,7 @@ async fn process(
             html,
         );
     };
+    let route = &route;
     let service = &route.service;
     line.service = Some(service.name.clone());
     line.mode = Some(service.mode);
@@ -595,13 +618,21 @@ async fn process(
             &target,
             request_id,
             html,
+            conn.tls.is_some(),
         );
         return reserved(line, req, login).await;
     }
 
     let auth = ctx.auth.load_full();
-    let (authn, session_headers) =
-        authn::authenticate(&auth, login, &service.name, req.headers()).await;
+    let client_cert = conn.tls.as_ref().and_then(|t| t.client_cert());
+    let (authn, session_headers) = authn::authenticate(
+        &auth,
+        login,
+        &service.name,
+        req.headers(),
+        conn.tls.is_some(),
+    )
+    .await;
     let identity = authn.identity();
     log_identity(line, identity);
     let session_refused = match &authn {
@@ -655,6 +686,7 @@ async fn process(
             identity: &policy_identity,
             workload: policy_workload.as_ref(),
             source_ip: Some(conn.peer.ip()),
+            spiffe_id: client_cert.and_then(|c| c.spiffe_id.as_deref()),
             method: req.method().as_str(),
             host: host.as_deref(),
             path: &path,
@@ -677,7 +709,8 @@ async fn process(
                 Some((StatusCode::UNAUTHORIZED, reason))
             }
             _ if decision.verdict == Verdict::Deny => {
-                let status = if identity.is_none() {
+                // A verified client certificate is an identity too: 403, not a bearer challenge.
+                let status = if identity.is_none() && client_cert.is_none() {
                     StatusCode::UNAUTHORIZED
                 } else {
                     StatusCode::FORBIDDEN
@@ -691,6 +724,7 @@ async fn process(
                 line.decision = Decision::Deny;
                 if status == StatusCode::UNAUTHORIZED
                     && identity.is_none()
+                    && client_cert.is_none()
                     && html
                     && !matches!(authn, Authn::Refused(_))
                     && let Some(login) = login
@@ -703,6 +737,7 @@ async fn process(
                             &target,
                             request_id,
                             html,
+                            conn.tls.is_some(),
                         ))
                         .await;
                     if !answer.allowed {
@@ -786,6 +821,7 @@ fn login_request<'a>(
     target: &'a str,
     request_id: &'a str,
     html: bool,
+    tls: bool,
 ) -> LoginRequest<'a> {
     LoginRequest {
         service,
@@ -795,6 +831,7 @@ fn login_request<'a>(
         headers: req.headers(),
         request_id,
         html,
+        tls,
     }
 }
 
@@ -876,9 +913,14 @@ impl Forward<'_> {
         let retryable = body.is_end_stream();
         let mut body = Some(body);
         let candidates = self.route.candidates();
+        let scheme = if self.http.upstream_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let mut last_err = "upstream_unavailable";
         for (i, endpoint) in candidates.iter().enumerate() {
-            let Ok(uri) = format!("http://{endpoint}{target}").parse::<hyper::Uri>() else {
+            let Ok(uri) = format!("{scheme}://{endpoint}{target}").parse::<hyper::Uri>() else {
                 return Err("upstream_invalid_target");
             };
             let mut builder = Request::builder()
@@ -914,6 +956,13 @@ impl Forward<'_> {
                     return Ok(resp.map(response::boxed_incoming));
                 }
                 Err(err) if err.is_connect() => {
+                    if let Some(tls) = super::tls::upstream::UpstreamTlsFailure::find(&err) {
+                        // A backend that does not prove its identity is not an unavailable
+                        // one: no retry elsewhere, never plaintext.
+                        let reason = tls.reason();
+                        tracing::warn!(upstream = %endpoint, reason, error = %tls, "upstream TLS refused");
+                        return Err(reason);
+                    }
                     tracing::warn!(upstream = %endpoint, error = %crate::cli::error_chain(&err), "upstream connect failed");
                     last_err = "upstream_unavailable";
                     // The body was not sent; a request without one can go to the next endpoint.
@@ -1007,7 +1056,7 @@ fn splice_upgraded(
         let mut client = TokioIo::new(client);
         let mut upstream = TokioIo::new(upstream);
         if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-            && err.kind() != io::ErrorKind::NotConnected
+            && err.kind() != std::io::ErrorKind::NotConnected
         {
             tracing::debug!(%peer, error = %err, "upgraded connection ended with an error");
         }

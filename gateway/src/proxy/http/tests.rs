@@ -870,6 +870,7 @@ impl LoginFlow for FakeLogin {
         &'a self,
         _service: &'a str,
         headers: &'a hyper::HeaderMap,
+        _tls: bool,
     ) -> authn::SessionFuture<'a> {
         let cookie = headers.get(header::COOKIE).cloned();
         Box::pin(async move {

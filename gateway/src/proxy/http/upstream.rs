@@ -1,6 +1,8 @@
 //! The pooled upstream client of HTTP services: HTTP/1.1 connections to endpoints, kept alive
 //! and reused per endpoint, opened like the L4 proxy's (`SO_MARK` before `connect()`, so that
-//! connect4/6 never redirect the gateway's own sockets).
+//! connect4/6 never redirect the gateway's own sockets). An `https://` URI is an endpoint of a
+//! service with `upstream_tls`: the connection is TLS, verified with that service's settings
+//! (pooled apart from plaintext ones: the pool keys on scheme and authority).
 
 use std::{
     future::Future,
@@ -13,10 +15,17 @@ use std::{
 
 use hyper::Uri;
 use hyper_util::{
-    client::legacy::Client as LegacyClient,
+    client::legacy::{
+        Client as LegacyClient,
+        connect::{Connected, Connection},
+    },
     rt::{TokioExecutor, TokioIo, TokioTimer},
 };
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tokio_rustls::client::TlsStream;
 
 use super::response::ProxyBody;
 use crate::proxy::SharedRoutes;
@@ -47,8 +56,78 @@ pub(super) struct Connector {
     routes: SharedRoutes,
 }
 
+/// An upstream connection: plain, or TLS to a service with `upstream_tls`.
+pub(super) enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<UpstreamIo>;
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -58,7 +137,7 @@ impl tower_service::Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let mark = self.mark;
-        let timeout = self.routes.load().connect_timeout;
+        let routes = self.routes.load_full();
         Box::pin(async move {
             let addr: SocketAddr = uri
                 .authority()
@@ -66,8 +145,32 @@ impl tower_service::Service<Uri> for Connector {
                 .ok_or_else(|| {
                     io::Error::new(io::ErrorKind::InvalidInput, "endpoint is not ip:port")
                 })?;
-            let stream = crate::proxy::upstream::connect_one(addr, mark, timeout).await?;
-            Ok(TokioIo::new(stream))
+            // TLS settings of the service the endpoint belongs to (an endpoint belongs to
+            // exactly one service); never plaintext for an `https` URI.
+            let tls = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+                let tls = routes
+                    .resolve(addr)
+                    .and_then(|r| r.service.http.as_ref())
+                    .and_then(|h| h.upstream_tls.clone())
+                    .ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::NotFound,
+                            "the endpoint's service has no upstream_tls (config reloaded?)",
+                        )
+                    })?;
+                Some(tls)
+            } else {
+                None
+            };
+            let stream =
+                crate::proxy::upstream::connect_one(addr, mark, routes.connect_timeout).await?;
+            let io = match tls {
+                None => UpstreamIo::Plain(stream),
+                Some(tls) => UpstreamIo::Tls(Box::new(
+                    tls.connect(addr, stream).await.map_err(io::Error::other)?,
+                )),
+            };
+            Ok(TokioIo::new(io))
         })
     }
 }

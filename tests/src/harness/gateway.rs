@@ -128,7 +128,7 @@ pub struct GatewayConfig {
 impl GatewayConfig {
     pub(crate) fn for_node(node: &Node) -> Self {
         Self {
-            node: format!("sim-{}", node.prefix().trim_start_matches("ng")),
+            node: node.node_name(),
             cgroup: node.pods_cgroup(),
             bpffs: node.bpffs(),
             proxy_v4: SocketAddr::new(IpAddr::V4(node.ipv4()), PROXY_PORT),
@@ -419,6 +419,14 @@ impl Gateway {
         self.wait_ready()
     }
 
+    /// Kills the daemon if it runs and starts it again with the current config file, without
+    /// waiting for `/readyz` (for a daemon that is expected not to get ready yet).
+    pub fn respawn(&mut self) -> Result<()> {
+        self.proc.kill();
+        self.proc = spawn(&self.node, &self.config_path)?;
+        Ok(())
+    }
+
     /// Rewrites the config file with `config` (no signal: for a daemon that is down, or to
     /// test the file watch).
     pub fn write_config(&mut self, config: GatewayConfig) -> Result<()> {
@@ -524,6 +532,16 @@ impl Gateway {
         self.cli(&["status", "--json", "--bpffs", &bpffs])?
             .ok()?
             .json()
+    }
+
+    /// `gateway status --json --config FILE`, run inside the node netns where the admin server
+    /// listens: the pinned state plus `daemon` (its readiness and, with a Kubernetes source,
+    /// the source's health under `daemon.kubernetes`).
+    pub fn status_with_daemon(&self) -> Result<Value> {
+        let mut cmd = Command::new(self.node.tools().require_gateway()?);
+        cmd.args(["status", "--json", "--config"])
+            .arg(&self.config_path);
+        self.node.node().run(cmd, CLI_TIMEOUT)?.ok()?.json()
     }
 
     /// `gateway detach --bpffs DIR`.

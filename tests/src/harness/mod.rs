@@ -22,6 +22,7 @@
 
 mod gateway;
 mod http;
+pub mod kube;
 mod netns;
 mod node;
 pub mod oidc;
@@ -38,8 +39,9 @@ pub use gateway::{
     bpftool_cgroup_show, bpftool_prog_ids, metric_value, poll_until,
 };
 pub use http::{HttpReply, HttpRequest, describe as describe_request};
-pub use netns::{http_get_in_netns, tcp_connect_in_netns};
-pub use node::{FOREIGN, Footprint, HOSTNET, NODE, Node, NodeSpec, Place};
+pub use kube::{Endpoint, KubeApi, ServiceObject};
+pub use netns::{http_get_in_netns, in_netns, tcp_connect_in_netns, tcp_listen_in_netns};
+pub use node::{FOREIGN, Footprint, HOSTNET, KubeletDriver, NODE, Node, NodeSpec, Place};
 pub use oidc::{BrowserLogin, OidcOptions, OidcProvider, Signing, TokenSpec};
 pub use process::{Output, PeerReply, Proc, run_command};
 

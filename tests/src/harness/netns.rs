@@ -7,7 +7,7 @@
 use std::{
     fs::File,
     io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     thread,
     time::Duration,
@@ -17,58 +17,59 @@ use super::{Error, Result, io_err};
 
 /// Connects to `addr` from inside the named netns (`/run/netns/<netns>`).
 pub fn tcp_connect_in_netns(netns: &str, addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    in_netns(netns, &format!("connect to {addr}"), || {
+        TcpStream::connect_timeout(&addr, timeout)
+    })
+}
+
+/// Runs `f` on a short-lived thread inside the named netns and returns what it returns: a
+/// socket opened there stays in that namespace.
+pub fn in_netns<T: Send>(
+    netns: &str,
+    what: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> Result<T> {
     let path = format!("/run/netns/{netns}");
     let ns = File::open(&path).map_err(io_err(format!("open {path}")))?;
-    let connected = thread::scope(|scope| {
+    let done = thread::scope(|scope| {
         scope
             .spawn(|| {
                 // SAFETY: plain syscall on a valid fd; it affects this short-lived thread only.
                 if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                TcpStream::connect_timeout(&addr, timeout)
+                f()
             })
             .join()
     });
-    match connected {
-        Ok(result) => result.map_err(io_err(format!("connect to {addr} in netns {netns}"))),
+    match done {
+        Ok(result) => result.map_err(io_err(format!("{what} in netns {netns}"))),
         Err(_) => Err(Error::Io {
-            what: format!("connect to {addr} in netns {netns}"),
-            source: std::io::Error::other("connector thread panicked"),
+            what: format!("{what} in netns {netns}"),
+            source: std::io::Error::other("thread panicked"),
         }),
     }
+}
+
+/// A listening TCP socket at `addr` inside the named netns.
+pub fn tcp_listen_in_netns(netns: &str, addr: SocketAddr) -> Result<TcpListener> {
+    in_netns(netns, &format!("listen on {addr}"), || {
+        TcpListener::bind(addr)
+    })
 }
 
 /// Writes sysctls (`("net/ipv4/ip_forward", "1")`, paths under `/proc/sys`) inside the named
 /// netns: `/proc/sys/net` shows the namespace of the thread that opens it, so no `sysctl`
 /// binary (procps) is needed.
 pub fn sysctl_in_netns(netns: &str, settings: &[(&str, &str)]) -> Result<()> {
-    let path = format!("/run/netns/{netns}");
-    let ns = File::open(&path).map_err(io_err(format!("open {path}")))?;
-    let written = thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: plain syscall on a valid fd; it affects this short-lived thread only.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(Error::Io {
-                        what: format!("setns into {netns}"),
-                        source: std::io::Error::last_os_error(),
-                    });
-                }
-                for (key, value) in settings {
-                    let file = format!("/proc/sys/{key}");
-                    std::fs::write(&file, value)
-                        .map_err(io_err(format!("write {value} to {file} in netns {netns}")))?;
-                }
-                Ok(())
-            })
-            .join()
-    });
-    written.unwrap_or_else(|_| {
-        Err(Error::Io {
-            what: format!("sysctl in netns {netns}"),
-            source: std::io::Error::other("sysctl thread panicked"),
-        })
+    in_netns(netns, "sysctl", || {
+        for (key, value) in settings {
+            let file = format!("/proc/sys/{key}");
+            std::fs::write(&file, value).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("write {value} to {file}: {e}"))
+            })?;
+        }
+        Ok(())
     })
 }
 

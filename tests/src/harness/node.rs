@@ -34,6 +34,41 @@ const MAX_NAME: usize = 10;
 /// Longest pod name: the node-side veth `v-<pod>` must fit in 15 characters.
 const MAX_POD: usize = 12;
 
+/// How the kubelet lays out pods' cgroups (its `cgroupDriver`), for [`NodeSpec::kubelet_cgroups`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KubeletDriver {
+    /// `kubepods/besteffort/pod<uid>/<container>`.
+    Cgroupfs,
+    /// `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice/<container>`.
+    Systemd,
+}
+
+impl KubeletDriver {
+    /// The name in the gateway's `kubernetes.cgroup_driver`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cgroupfs => "cgroupfs",
+            Self::Systemd => "systemd",
+        }
+    }
+
+    /// A `BestEffort` pod's container cgroup, relative to the hooked cgroup (what the kubelet
+    /// would create; `status.qosClass` of [`super::kube::pod_object`] is `BestEffort`).
+    pub fn container_cgroup(self, uid: &str) -> PathBuf {
+        match self {
+            Self::Cgroupfs => Path::new("kubepods/besteffort")
+                .join(format!("pod{uid}"))
+                .join("ctr"),
+            Self::Systemd => Path::new("kubepods.slice/kubepods-besteffort.slice")
+                .join(format!(
+                    "kubepods-besteffort-pod{}.slice",
+                    uid.replace('-', "_")
+                ))
+                .join("cri-containerd-ctr.scope"),
+        }
+    }
+}
+
 /// What to build. Names are `[a-z0-9]` only, so `<prefix>-` never matches another node's names.
 #[derive(Debug, Clone)]
 pub struct NodeSpec {
@@ -41,6 +76,7 @@ pub struct NodeSpec {
     pods: Vec<String>,
     index: Option<u8>,
     tools: Tools,
+    kubelet: Option<KubeletDriver>,
 }
 
 impl NodeSpec {
@@ -52,7 +88,18 @@ impl NodeSpec {
             pods: vec!["a".to_owned(), "b".to_owned()],
             index: None,
             tools: Tools::from_env(),
+            kubelet: None,
         }
+    }
+
+    /// Puts each pod's processes where the kubelet with `driver` would: in a container cgroup
+    /// below `<pods cgroup>/kubepods…/pod<uid>` ([`KubeletDriver::container_cgroup`], UID
+    /// [`Node::pod_uid`]), so that the gateway's Kubernetes source finds them by pod UID. By
+    /// default pods live in `<pods cgroup>/<pod>`.
+    #[must_use]
+    pub fn kubelet_cgroups(mut self, driver: KubeletDriver) -> Self {
+        self.kubelet = Some(driver);
+        self
     }
 
     #[must_use]
@@ -245,6 +292,7 @@ impl Place {
 }
 
 struct NodeInner {
+    name: String,
     prefix: String,
     index: u8,
     rt: Arc<Runtime>,
@@ -339,12 +387,18 @@ impl Node {
                 name: pod.clone(),
                 why: "too many pods (at most 200)",
             })?;
+            let cgroup = match spec.kubelet {
+                Some(driver) => cg
+                    .join("pods")
+                    .join(driver.container_cgroup(&pod_uid(&prefix, pod))),
+                None => cg.join("pods").join(pod),
+            };
             places.insert(
                 pod.clone(),
                 place(
                     pod,
                     &format!("{prefix}-pod-{pod}"),
-                    cg.join("pods").join(pod),
+                    cgroup,
                     Ipv4Addr::new(10, n, 1, host),
                     Ipv6Addr::new(0xfd00, n.into(), 1, 0, 0, 0, 0, host.into()),
                 ),
@@ -353,6 +407,7 @@ impl Node {
         let node = Self {
             inner: Arc::new(NodeInner {
                 gateway_cgroup: cg.join("gateway"),
+                name: spec.name,
                 prefix,
                 index,
                 rt,
@@ -503,6 +558,83 @@ impl Node {
                 &n6,
             ],
         )?;
+        Ok(())
+    }
+
+    /// The node's name as the gateway and Kubernetes know it (`node:` of its config,
+    /// `spec.nodeName` of its pods): `sim-<name>`.
+    pub fn node_name(&self) -> String {
+        format!("sim-{}", self.inner.name)
+    }
+
+    /// The UID of pod `pod` (a Kubernetes UID: lower-case hex and dashes), stable for a node
+    /// and pod name; the name of its cgroup with [`NodeSpec::kubelet_cgroups`].
+    pub fn pod_uid(&self, pod: &str) -> String {
+        pod_uid(&self.inner.prefix, pod)
+    }
+
+    /// Links this node with `other` as two machines on one network: a veth pair between the
+    /// two node netns (`l-<other prefix>` on each side), routes for each other's
+    /// `10.N.0.0/16` and `fd00:N::/32` through it with the node IP as source (so a gateway's
+    /// upstream connections to the other node come from its node IP), and forwarding on both.
+    /// A pod of one node then reaches a pod of the other, and is answered. Both keep their own
+    /// gateway, cgroups and pins. Removed with either node (deleting a netns deletes the veth
+    /// and the routes through it).
+    pub fn link_with(&self, other: &Self) -> Result<()> {
+        if self.index() == other.index() {
+            return Err(Error::InvalidName {
+                name: other.inner.name.clone(),
+                why: "linked nodes need different address indexes (NodeSpec::index)",
+            });
+        }
+        let (a, b) = (self.node(), other.node());
+        let a_if = format!("l-{}", other.prefix());
+        let b_if = format!("l-{}", self.prefix());
+        ip(&[
+            "link", "add", &a_if, "netns", &a.netns, "type", "veth", "peer", "name", &b_if,
+            "netns", &b.netns,
+        ])?;
+        for (ns, dev, ll) in [
+            (&a.netns, a_if.as_str(), "fe80::1/64"),
+            (&b.netns, b_if.as_str(), "fe80::2/64"),
+        ] {
+            ipn(ns, &["link", "set", dev, "addrgenmode", "none"])?;
+            ipn(ns, &["link", "set", dev, "up"])?;
+            ipn(ns, &["addr", "add", ll, "dev", dev, "nodad"])?;
+        }
+        for (from, dev, to, ll) in [(a, &a_if, b, "fe80::2"), (b, &b_if, a, "fe80::1")] {
+            let (to_v4, to_v6) = (to.ipv4.octets()[1], to.ipv6.segments()[1]);
+            ipn(
+                &from.netns,
+                &[
+                    "route",
+                    "add",
+                    &format!("10.{to_v4}.0.0/16"),
+                    "via",
+                    &to.ipv4.to_string(),
+                    "dev",
+                    dev,
+                    "onlink",
+                    "src",
+                    &from.ipv4.to_string(),
+                ],
+            )?;
+            ipn(
+                &from.netns,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("fd00:{to_v6:x}::/32"),
+                    "via",
+                    ll,
+                    "dev",
+                    dev,
+                    "src",
+                    &from.ipv6.to_string(),
+                ],
+            )?;
+        }
         Ok(())
     }
 
@@ -698,6 +830,26 @@ fn check_name(name: &str, max: usize) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// A UUID-shaped, version-4-looking UID from FNV-1a hashes of the prefix and the pod name.
+fn pod_uid(prefix: &str, pod: &str) -> String {
+    let fnv = |salt: u8| {
+        format!("{salt}/{prefix}/{pod}")
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            })
+    };
+    let (a, b) = (fnv(1), fnv(2));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        b >> 52,
+        b & 0xffff_ffff_ffff
+    )
 }
 
 /// FNV-1a of the prefix folded into 1..=249 (250 is the foreign node's third octet).

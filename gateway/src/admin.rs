@@ -8,7 +8,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread,
@@ -44,6 +44,18 @@ pub struct Readiness {
     attached: AtomicBool,
     synced: AtomicBool,
     listening: AtomicBool,
+    /// Why the maps are not synced yet, when it is more than "not yet" (e.g. waiting for the
+    /// first Kubernetes snapshot).
+    sync_wait: Mutex<Option<String>>,
+    /// The Kubernetes source: `None` without one; its health as JSON and, when it is not
+    /// following the API server, why.
+    source: Mutex<Option<SourceReadiness>>,
+}
+
+#[derive(Debug, Clone)]
+struct SourceReadiness {
+    error: Option<String>,
+    json: serde_json::Value,
 }
 
 impl Readiness {
@@ -59,18 +71,57 @@ impl Readiness {
         self.listening.store(v, Ordering::Release);
     }
 
+    /// What "maps not synced" is waiting for, until [`Self::set_synced`].
+    pub fn set_sync_wait(&self, why: Option<String>) {
+        *lock(&self.sync_wait) = why;
+    }
+
+    /// The Kubernetes source's state: `error` is `None` while it follows the API server.
+    /// While it is `Some` the gateway is not ready (it still enforces the last-known-good
+    /// snapshot; readiness tells the operator and a rolling update that it is stale).
+    pub fn set_source(&self, error: Option<String>, json: serde_json::Value) {
+        *lock(&self.source) = Some(SourceReadiness { error, json });
+    }
+
     /// What is missing for readiness (empty: ready).
-    pub fn missing(&self) -> Vec<&'static str> {
-        [
+    pub fn missing(&self) -> Vec<String> {
+        let mut out: Vec<String> = [
             (&self.attached, "programs not attached"),
             (&self.synced, "maps not synced"),
             (&self.listening, "proxy not listening"),
         ]
         .into_iter()
         .filter(|(flag, _)| !flag.load(Ordering::Acquire))
-        .map(|(_, what)| what)
-        .collect()
+        .map(|(flag, what)| {
+            match (
+                std::ptr::eq(flag, &raw const self.synced),
+                lock(&self.sync_wait).as_ref(),
+            ) {
+                (true, Some(why)) => format!("{what} ({why})"),
+                _ => what.to_owned(),
+            }
+        })
+        .collect();
+        if let Some(SourceReadiness { error: Some(e), .. }) = lock(&self.source).as_ref() {
+            out.push(format!("kubernetes source: {e}"));
+        }
+        out
     }
+
+    /// `/status`: readiness and the source's health.
+    pub fn to_json(&self) -> serde_json::Value {
+        let missing = self.missing();
+        serde_json::json!({
+            "ready": missing.is_empty(),
+            "missing": missing,
+            "kubernetes": lock(&self.source).as_ref().map(|s| s.json.clone()),
+        })
+    }
+}
+
+/// A poisoned lock only means a panic elsewhere while holding plain data: keep using it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[derive(Clone)]
@@ -205,6 +256,11 @@ fn route(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
                 )
             }
         }
+        "/status" => response(
+            StatusCode::OK,
+            "application/json",
+            state.readiness.to_json().to_string(),
+        ),
         "/.well-known/jwks.json" => response(
             StatusCode::OK,
             "application/jwk-set+json",
@@ -219,7 +275,8 @@ fn route(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz, /metrics or /.well-known/jwks.json\n".into(),
+            "not found: try /healthz, /readyz, /status, /metrics or /.well-known/jwks.json\n"
+                .into(),
         ),
     }
 }

@@ -4,7 +4,9 @@
 use std::{
     fmt::Write as _,
     io::{self, Write as _},
+    net::{SocketAddr, TcpStream},
     path::Path,
+    time::Duration,
 };
 
 use serde::Serialize;
@@ -82,15 +84,127 @@ fn render_counters(counters: &inspect::Counters) -> String {
     out
 }
 
-pub(super) fn status(bpffs: &Path, json: bool) -> Result<(), CliError> {
+pub(super) fn status(bpffs: &Path, json: bool, admin: SocketAddr) -> Result<(), CliError> {
     let status = inspect::status(bpffs).map_err(CliError::ebpf(format!(
         "cannot read the datapath status under {}",
         bpffs.display()
     )))?;
+    // The pinned state is readable whether or not the daemon runs; its readiness and the
+    // Kubernetes source's health only from the daemon itself.
+    let daemon = daemon_status(admin);
     if json {
-        return print_json(&status);
+        let mut value =
+            serde_json::to_value(&status).map_err(|e| CliError::Output(io::Error::other(e)))?;
+        if let Some(map) = value.as_object_mut() {
+            map.insert(
+                "daemon".into(),
+                match &daemon {
+                    Ok(v) => v.clone(),
+                    Err(e) => serde_json::json!({ "reachable": false, "admin": admin.to_string(), "error": e }),
+                },
+            );
+        }
+        return print_json(&value);
     }
-    print(&render_status(&status))
+    let mut text = render_daemon(admin, &daemon);
+    text.push_str(&render_status(&status));
+    print(&text)
+}
+
+/// `GET /status` from the admin server, with a short deadline: the daemon may be dead.
+fn daemon_status(admin: SocketAddr) -> Result<serde_json::Value, String> {
+    use std::io::Read as _;
+    let deadline = Duration::from_secs(2);
+    let mut stream = TcpStream::connect_timeout(&admin, deadline).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(deadline))
+        .and_then(|()| stream.set_write_timeout(Some(deadline)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET /status HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut reply = Vec::new();
+    stream
+        .take(1 << 20)
+        .read_to_end(&mut reply)
+        .map_err(|e| e.to_string())?;
+    let reply = String::from_utf8_lossy(&reply);
+    let (head, body) = reply
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| "not an HTTP reply".to_owned())?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head.lines().next().unwrap_or_default().to_owned());
+    }
+    let mut value: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| format!("not the gateway's /status: {e}"))?;
+    if let Some(map) = value.as_object_mut() {
+        map.insert("reachable".into(), true.into());
+        map.insert("admin".into(), admin.to_string().into());
+    }
+    Ok(value)
+}
+
+fn render_daemon(admin: SocketAddr, daemon: &Result<serde_json::Value, String>) -> String {
+    let mut out = String::new();
+    let v = match daemon {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = writeln!(
+                out,
+                "daemon:   not reachable at {admin} ({e}); the pinned state below is in force\n"
+            );
+            return out;
+        }
+    };
+    let missing: Vec<&str> = v["missing"]
+        .as_array()
+        .map(|m| m.iter().filter_map(serde_json::Value::as_str).collect())
+        .unwrap_or_default();
+    if missing.is_empty() {
+        let _ = writeln!(out, "daemon:   ready ({admin})");
+    } else {
+        let _ = writeln!(out, "daemon:   not ready: {}", missing.join("; "));
+    }
+    let k = &v["kubernetes"];
+    if !k.is_null() {
+        let state = if k["ready"].as_bool() == Some(true) {
+            "in sync".to_owned()
+        } else {
+            format!("NOT in sync: {}", k["error"].as_str().unwrap_or("?"))
+        };
+        let _ = writeln!(
+            out,
+            "kubernetes: {state}; snapshot revision {}, last sync {}",
+            k["revision"],
+            k["last_sync"].as_str().unwrap_or("never")
+        );
+        let mut t = Table::new(&[
+            ("RESOURCE", Align::Left),
+            ("SYNCED", Align::Left),
+            ("LAST SYNC", Align::Left),
+            ("FAILURES", Align::Right),
+            ("RELISTS", Align::Right),
+            ("ERROR", Align::Left),
+        ]);
+        for w in k["watchers"].as_array().into_iter().flatten() {
+            t.row(vec![
+                w["resource"].as_str().unwrap_or("?").to_owned(),
+                if w["synced"].as_bool() == Some(true) {
+                    "yes"
+                } else {
+                    "no"
+                }
+                .to_owned(),
+                w["last_sync"].as_str().unwrap_or("-").to_owned(),
+                w["failures"].to_string(),
+                w["relists"].to_string(),
+                w["error"].as_str().unwrap_or("-").to_owned(),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
+    out.push('\n');
+    out
 }
 
 fn render_status(s: &inspect::Status) -> String {

@@ -46,6 +46,20 @@ enum Command {
         /// Config file (YAML). Without it, the embedded default config.
         #[arg(long, short, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Replaces `node` (the `DaemonSet` passes `$(NODE_NAME)` from the downward API; with a
+        /// `kubernetes` section only this node's pods are watched).
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+        /// Replaces `proxy.listen` (the `DaemonSet` passes `$(HOST_IP):15001`).
+        #[arg(long, value_name = "ADDR")]
+        proxy_listen: Option<String>,
+        /// Replaces `kubernetes.peers_namespace`: where the gateway pods of the other nodes
+        /// run (the `DaemonSet` passes `$(POD_NAMESPACE)`).
+        #[arg(long, value_name = "NAMESPACE")]
+        peers_namespace: Option<String>,
+        /// Replaces `kubernetes.kubeconfig` (development: run outside the cluster).
+        #[arg(long, value_name = "FILE")]
+        kubeconfig: Option<PathBuf>,
     },
     /// Bypass counters per service, source, reason and action, from the pinned maps.
     Counters {
@@ -62,6 +76,10 @@ enum Command {
         /// JSON instead of tables.
         #[arg(long)]
         json: bool,
+        /// The running daemon's admin address, for its readiness and the Kubernetes source's
+        /// health (default: the config's `admin.listen`, else 127.0.0.1:15021).
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
     },
     /// Validate a config file: exit 0 with a summary, or a message and exit 64.
     CheckConfig {
@@ -190,6 +208,8 @@ pub enum CliError {
     ProxyTask(#[source] tokio::task::JoinError),
     #[error("{0}")]
     Input(String),
+    #[error("cannot start the Kubernetes source")]
+    Kubernetes(#[source] crate::source::kubernetes::KubeError),
     /// `explain` decided deny (not an error: exit code 2, the output says why).
     #[error("denied")]
     Denied,
@@ -203,7 +223,9 @@ impl CliError {
 
     fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::Auth(_) | Self::Input(_) => EXIT_USAGE,
+            // A Kubernetes source that cannot start (no node name, no kubeconfig) is a
+            // deployment mistake, not a passing failure.
+            Self::Config(_) | Self::Auth(_) | Self::Input(_) | Self::Kubernetes(_) => EXIT_USAGE,
             Self::Denied => explain::EXIT_DENY,
             _ => EXIT_RUNTIME,
         }
@@ -253,10 +275,31 @@ fn dispatch(command: Command) -> Result<(), CliError> {
         let _ = telemetry::init_cli("warn");
     }
     match command {
-        Command::Run { config } => run::run(config.as_deref()),
+        Command::Run {
+            config,
+            node,
+            proxy_listen,
+            peers_namespace,
+            kubeconfig,
+        } => run::run(
+            config.as_deref(),
+            &crate::config::Overrides {
+                node,
+                proxy_listen,
+                peers_namespace,
+                kubeconfig,
+            },
+        ),
         Command::CheckConfig { file } => check_config(&file),
         Command::Counters { pins, json } => inspect::counters(&pins.dir()?, json),
-        Command::Status { pins, json } => inspect::status(&pins.dir()?, json),
+        Command::Status { pins, json, admin } => {
+            let admin = match (admin, &pins.config) {
+                (Some(addr), _) => addr,
+                (None, Some(config)) => Config::load(config)?.admin.listen,
+                (None, None) => crate::config::DEFAULT_ADMIN_LISTEN,
+            };
+            inspect::status(&pins.dir()?, json, admin)
+        }
         Command::Detach { pins } => inspect::detach(&pins.dir()?),
         Command::Explain {
             config,
@@ -355,8 +398,40 @@ mod tests {
         };
         assert!(matches!(
             parse(&["run"]).unwrap().command,
-            Command::Run { config: None }
+            Command::Run {
+                config: None,
+                node: None,
+                ..
+            }
         ));
+        match parse(&[
+            "run",
+            "--config=/etc/nodegate/config.yaml",
+            "--node=worker-1",
+            "--proxy-listen=10.0.0.5:15001",
+            "--peers-namespace=nodegate-system",
+        ])
+        .unwrap()
+        .command
+        {
+            Command::Run {
+                config,
+                node,
+                proxy_listen,
+                peers_namespace,
+                kubeconfig,
+            } => {
+                assert_eq!(
+                    config.as_deref(),
+                    Some(Path::new("/etc/nodegate/config.yaml"))
+                );
+                assert_eq!(node.as_deref(), Some("worker-1"));
+                assert_eq!(proxy_listen.as_deref(), Some("10.0.0.5:15001"));
+                assert_eq!(peers_namespace.as_deref(), Some("nodegate-system"));
+                assert!(kubeconfig.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             parse(&["counters", "--json", "--bpffs", "/x"])
                 .unwrap()

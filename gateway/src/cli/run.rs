@@ -2,8 +2,13 @@
 //! serve; reload on SIGHUP and on file change; drain on SIGTERM/SIGINT.
 //!
 //! Three execution contexts: the proxy on a multi-thread runtime of its own (the data plane),
-//! the admin server on its own thread, and this control loop (signals, reloads, bypass events)
-//! on a current-thread runtime in the main thread.
+//! the admin server on its own thread, and this control loop (signals, reloads, bypass events,
+//! the Kubernetes source's watchers and its snapshots) on a current-thread runtime in the main
+//! thread.
+//!
+//! With a `kubernetes` section the kernel maps are first written when the source has listed
+//! everything once ([`KubernetesSource::snapshots`]); until then the previous run's pinned
+//! state stays in force and `/readyz` says what the gateway waits for.
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -21,15 +26,20 @@ use super::{
 use crate::{
     admin::{AdminServer, Readiness},
     auth::{AuthObserver, Authenticator},
-    config::Config,
+    config::{CgroupDriverSetting, Config, KubernetesSection, Overrides},
     ebpf::{BypassEvents, Datapath, DatapathOptions},
     proxy::{
         self, Routes, SharedRoutes,
         http::{AssertionSigner, BrowserLogin, HttpContext, LoginFlow, SharedAuth},
     },
+    source::{
+        kubernetes::{GatewayPeers, Health, KubernetesConfig, KubernetesSource},
+        model::Snapshot,
+        pods::CgroupDriver,
+    },
     telemetry::{
         self, Metrics,
-        bypass::{BypassLog, ServiceLookup},
+        bypass::{BypassLog, ServiceLookup, SourceLookup},
     },
 };
 
@@ -37,20 +47,8 @@ const RELOAD_POLL: Duration = Duration::from_secs(1);
 /// How often issuer keys are checked for age and JWKS files for changes.
 const KEY_REFRESH_TICK: Duration = Duration::from_secs(10);
 
-pub(super) fn run(path: Option<&Path>) -> Result<(), CliError> {
-    let config = match path {
-        Some(path) => Config::load(path)?,
-        None => Config::embedded()?,
-    };
-    let metrics = Arc::new(Metrics::new(Some(config.bpffs.clone())));
-    telemetry::init_daemon(config.log.decisions_file.as_deref(), &metrics)?;
-    tracing::info!(
-        origin = %config.origin,
-        config = %serde_json::to_string(&config).unwrap_or_default(),
-        "effective config"
-    );
-    tracing::info!("{}", config.summary());
-    super::reload::log_policies(&config);
+pub(super) fn run(path: Option<&Path>, overrides: &Overrides) -> Result<(), CliError> {
+    let (config, metrics) = load_config(path, overrides)?;
 
     // The assertion key lives as long as the process; backends fetch its JWKS from the admin port.
     let signer = Arc::new(AssertionSigner::generate(config.assertion.clone()));
@@ -104,16 +102,22 @@ pub(super) fn run(path: Option<&Path>) -> Result<(), CliError> {
         config.log.bypass_interval,
         service_lookup(&routes),
         metrics.clone(),
-    );
+    )
+    .with_sources(source_lookup(&routes));
     let drain = config.proxy.drain_timeout;
+    let source = (config.kubernetes.as_ref())
+        .map(|section| start_source(&config, section, &control))
+        .transpose()?;
     let mut reloader = Reloader::new(
         config,
+        overrides.clone(),
         path.map(Path::to_path_buf),
         datapath,
         routes,
-        metrics,
+        metrics.clone(),
         readiness.clone(),
     );
+    initial_sync(&mut reloader)?;
 
     let result = control.block_on(async {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -122,7 +126,8 @@ pub(super) fn run(path: Option<&Path>) -> Result<(), CliError> {
         let bypass_task = tokio::spawn(bypass_log.run(events, shutdown_rx));
         readiness.set_listening(true);
         tracing::info!(admin = %admin.local_addr(), "ready");
-        let result = control_loop(&mut reloader, &auth, signals, proxy_task).await;
+        let feeds = SourceFeeds::new(source.as_ref(), readiness.clone(), metrics);
+        let result = control_loop(&mut reloader, &auth, signals, feeds, proxy_task).await;
         readiness.set_listening(false);
         let _ = shutdown_tx.send(true);
         let result = match result {
@@ -142,11 +147,38 @@ pub(super) fn run(path: Option<&Path>) -> Result<(), CliError> {
     admin.stop();
     // The datapath is dropped here; its links stay pinned, so protection holds (fail closed).
     drop(reloader);
+    drop(source);
     tracing::info!("stopped");
     result
 }
 
-/// Attach the programs, sync the maps and open the event stream.
+/// The config (file or embedded, with the command-line overrides), the metrics and the
+/// daemon's logging, and the start-up log lines about the config.
+fn load_config(
+    path: Option<&Path>,
+    overrides: &Overrides,
+) -> Result<(Config, Arc<Metrics>), CliError> {
+    let config = match path {
+        Some(path) => Config::load_with(path, overrides)?,
+        None => Config::parse_overridden(
+            crate::config::EMBEDDED_DEFAULT,
+            crate::config::Origin::Embedded,
+            overrides,
+        )?,
+    };
+    let metrics = Arc::new(Metrics::new(Some(config.bpffs.clone())));
+    telemetry::init_daemon(config.log.decisions_file.as_deref(), &metrics)?;
+    tracing::info!(
+        origin = %config.origin,
+        config = %serde_json::to_string(&config).unwrap_or_default(),
+        "effective config"
+    );
+    tracing::info!("{}", config.summary());
+    super::reload::log_policies(&config);
+    Ok((config, metrics))
+}
+
+/// Attach the programs and open the event stream (the maps are synced by the reloader).
 fn start_datapath(
     config: &Config,
     readiness: &Readiness,
@@ -175,13 +207,6 @@ fn start_datapath(
         "datapath started"
     );
     readiness.set_attached(true);
-    let report = datapath
-        .sync(&config.desired_state())
-        .map_err(CliError::ebpf(
-            "cannot write the desired state to the kernel maps",
-        ))?;
-    log_sync(&report, "maps synced");
-    readiness.set_synced(true);
     // The ring buffer registers with the reactor of the runtime that reads it.
     let events = {
         let _context = control.enter();
@@ -226,6 +251,7 @@ async fn control_loop(
     reloader: &mut Reloader<Datapath>,
     auth: &SharedAuth,
     signals: Signals,
+    mut feeds: SourceFeeds,
     mut proxy_task: ProxyTask,
 ) -> Result<ProxyTask, CliError> {
     let Signals {
@@ -247,6 +273,8 @@ async fn control_loop(
                 }
             }
             _ = poll.tick() => reloader.poll(),
+            snapshot = feeds.snapshots.next() => reloader.apply_snapshot(snapshot),
+            () = feeds.health.changed() => {}
             res = &mut proxy_task => return Err(match res {
                 Ok(Err(err)) => CliError::Proxy(err),
                 Ok(Ok(())) => CliError::Proxy(proxy::ProxyError::Listener(
@@ -268,6 +296,164 @@ async fn control_loop(
     }
 }
 
+/// The maps at start-up: the static config now, or the first Kubernetes snapshot later.
+fn initial_sync(reloader: &mut Reloader<Datapath>) -> Result<(), CliError> {
+    let report = reloader.start().map_err(CliError::ebpf(
+        "cannot write the desired state to the kernel maps",
+    ))?;
+    if let Some(report) = report {
+        log_sync(&report, "maps synced");
+    }
+    Ok(())
+}
+
+/// Starts the Kubernetes source's tasks on the control runtime.
+fn start_source(
+    config: &Config,
+    section: &KubernetesSection,
+    control: &tokio::runtime::Runtime,
+) -> Result<KubernetesSource, CliError> {
+    let cgroup_driver = match section.cgroup_driver {
+        CgroupDriverSetting::Systemd => Some(CgroupDriver::Systemd),
+        CgroupDriverSetting::Cgroupfs => Some(CgroupDriver::Cgroupfs),
+        CgroupDriverSetting::None => None,
+        CgroupDriverSetting::Auto => {
+            let found = CgroupDriver::detect(&config.cgroup);
+            if found.is_none() {
+                tracing::warn!(
+                    cgroup = %config.cgroup.display(),
+                    "kubernetes.cgroup_driver auto: neither kubepods.slice nor kubepods under \
+                     the cgroup; pods are named by address only (set the driver to override)"
+                );
+            }
+            found
+        }
+    };
+    let mut kube = KubernetesConfig::new(config.node.clone());
+    kube.cgroup_driver = cgroup_driver;
+    kube.debounce = section.debounce;
+    kube.write_status = section.write_status;
+    kube.peers = section
+        .peers_namespace
+        .as_ref()
+        .map(|ns| GatewayPeers::in_namespace(ns.clone()));
+    let client = control
+        .block_on(crate::source::kubernetes::client(
+            section.kubeconfig.as_deref(),
+        ))
+        .map_err(CliError::Kubernetes)?;
+    let _context = control.enter();
+    let source = KubernetesSource::start(client, kube).map_err(CliError::Kubernetes)?;
+    tracing::info!(
+        node = %config.node,
+        cgroup_driver = ?cgroup_driver,
+        peers = ?section.peers_namespace,
+        kubeconfig = ?section.kubeconfig,
+        "kubernetes source started"
+    );
+    Ok(source)
+}
+
+/// The Kubernetes source's two streams, for the control loop: snapshots to apply, and health
+/// for readiness and metrics. Without a source both stay pending forever.
+struct SourceFeeds {
+    snapshots: SnapshotFeed,
+    health: HealthFeed,
+}
+
+struct SnapshotFeed(Option<watch::Receiver<Option<Arc<Snapshot>>>>);
+
+struct HealthFeed {
+    rx: Option<watch::Receiver<Health>>,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+    /// The error last logged, to log each change of state once.
+    last_error: Option<String>,
+}
+
+impl SourceFeeds {
+    fn new(
+        source: Option<&KubernetesSource>,
+        readiness: Arc<Readiness>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let mut snapshots = source.map(KubernetesSource::snapshots);
+        let mut health = source.map(KubernetesSource::health);
+        // What is there already counts as a change: the first snapshot may have arrived, and
+        // the health says "not listed yet" until it has.
+        if let Some(rx) = snapshots.as_mut() {
+            rx.mark_changed();
+        }
+        if let Some(rx) = health.as_mut() {
+            rx.mark_changed();
+        }
+        Self {
+            snapshots: SnapshotFeed(snapshots),
+            health: HealthFeed {
+                rx: health,
+                readiness,
+                metrics,
+                last_error: None,
+            },
+        }
+    }
+}
+
+impl SnapshotFeed {
+    /// The next published snapshot.
+    async fn next(&mut self) -> Arc<Snapshot> {
+        let Some(rx) = self.0.as_mut() else {
+            return std::future::pending().await;
+        };
+        loop {
+            if rx.changed().await.is_err() {
+                tracing::error!("the Kubernetes source stopped publishing; keeping the last state");
+                self.0 = None;
+                return std::future::pending().await;
+            }
+            if let Some(snapshot) = rx.borrow_and_update().clone() {
+                return snapshot;
+            }
+        }
+    }
+}
+
+impl HealthFeed {
+    /// Waits for a health change and hands it to readiness and the metrics.
+    async fn changed(&mut self) {
+        let Some(rx) = self.rx.as_mut() else {
+            return std::future::pending().await;
+        };
+        if rx.changed().await.is_err() {
+            self.rx = None;
+            let error = "the source stopped".to_owned();
+            tracing::error!("{error}");
+            self.readiness.set_source(
+                Some(error.clone()),
+                serde_json::json!({ "ready": false, "error": error }),
+            );
+            return;
+        }
+        let health = rx.borrow_and_update().clone();
+        let error = health.error();
+        // "Not listed yet" during start-up is not worth a warning; a failure or a recovery is.
+        let failing = health.watchers.iter().any(|w| w.error.is_some());
+        if error != self.last_error && (failing || self.last_error.is_some()) {
+            if let Some(e) = &error {
+                tracing::warn!(
+                    error = %e,
+                    "kubernetes source not in sync; enforcing the last-known-good state"
+                );
+            } else {
+                tracing::info!("kubernetes source in sync again");
+            }
+        }
+        self.last_error.clone_from(&error);
+        self.readiness.set_source(error, health.to_json());
+        self.metrics.kubernetes_health(&health);
+    }
+}
+
 fn spawn_key_upkeep(auth: Arc<Authenticator>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move { auth.refresh_loop(KEY_REFRESH_TICK).await })
 }
@@ -275,6 +461,19 @@ fn spawn_key_upkeep(auth: Arc<Authenticator>) -> tokio::task::JoinHandle<()> {
 fn service_lookup(routes: &SharedRoutes) -> ServiceLookup {
     let routes = routes.clone();
     Box::new(move |id| routes.load().service(id).map(|s| (s.name.clone(), s.mode)))
+}
+
+/// Bypass lines name the local pod that owns the source address (by address only: pods'
+/// cgroups are known for connects, not for packets arriving from another host).
+fn source_lookup(routes: &SharedRoutes) -> SourceLookup {
+    let routes = routes.clone();
+    Box::new(move |ip| {
+        routes
+            .load()
+            .workloads
+            .lookup(None, ip)
+            .map(|w| w.log("source"))
+    })
 }
 
 /// The browser-login module of a config with a `login:` section (read once: a changed section

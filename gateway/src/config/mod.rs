@@ -134,6 +134,55 @@ pub struct Config {
     pub assertion: AssertionConfig,
     /// Browser login (`login:`), checked here; `run` builds the login flow from it.
     pub login: Option<LoginSection>,
+    /// The Kubernetes source (`kubernetes:`): protected Services, their endpoints, this node's
+    /// pods and `AccessPolicy` objects come from the API server and are merged with the rest.
+    pub kubernetes: Option<KubernetesSection>,
+}
+
+/// The `kubernetes:` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KubernetesSection {
+    /// A kubeconfig for development; `None`: the in-cluster service account (or `KUBECONFIG`).
+    pub kubeconfig: Option<PathBuf>,
+    pub cgroup_driver: CgroupDriverSetting,
+    /// Where the gateway `DaemonSet`'s pods run, whose addresses are allowed to reach protected
+    /// endpoints (`peers: true`); `None`: no peer discovery (one node, or a static `gateways`).
+    pub peers_namespace: Option<String>,
+    /// Write `AccessPolicy` status conditions and events.
+    pub write_status: bool,
+    #[serde(rename = "debounce_ms", serialize_with = "as_millis")]
+    pub debounce: Duration,
+}
+
+/// How pods' cgroups are named (`kubernetes.cgroup_driver`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupDriverSetting {
+    /// Detected from the layout under `cgroup` (`kubepods.slice` or `kubepods`).
+    Auto,
+    Systemd,
+    Cgroupfs,
+    /// Pods are named by address only.
+    None,
+}
+
+pub const DEFAULT_KUBE_DEBOUNCE: Duration = Duration::from_millis(50);
+/// Above this a label change could not be enforced within a second.
+pub const MAX_KUBE_DEBOUNCE: Duration = Duration::from_millis(500);
+
+/// Values from the command line that replace the file's (`gateway run --node ...`), applied
+/// before validation, at start and on every reload. In the `DaemonSet` they come from the
+/// downward API, which a `ConfigMap` shared by every node cannot hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `node`.
+    pub node: Option<String>,
+    /// `proxy.listen`.
+    pub proxy_listen: Option<String>,
+    /// `kubernetes.peers_namespace`.
+    pub peers_namespace: Option<String>,
+    /// `kubernetes.kubeconfig`.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// The `login:` section: the operator's text and where its relative file paths start.
@@ -410,11 +459,16 @@ pub fn service_id(name: &str) -> u32 {
 impl Config {
     /// Read and parse a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(path, &Overrides::default())
+    }
+
+    /// Read and parse a config file, with command-line `overrides`.
+    pub fn load_with(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text, Origin::File(path.to_path_buf()))
+        Self::parse_overridden(&text, Origin::File(path.to_path_buf()), overrides)
     }
 
     /// The embedded default config.
@@ -424,19 +478,30 @@ impl Config {
 
     /// Parse a config from YAML text. `node` defaults to the hostname.
     pub fn parse(text: &str, origin: Origin) -> Result<Self, ConfigError> {
-        Self::parse_with(text, origin, hostname)
+        Self::parse_overridden(text, origin, &Overrides::default())
+    }
+
+    /// Parse a config from YAML text with command-line `overrides`.
+    pub fn parse_overridden(
+        text: &str,
+        origin: Origin,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        Self::parse_with(text, origin, overrides, hostname)
     }
 
     fn parse_with(
         text: &str,
         origin: Origin,
+        overrides: &Overrides,
         default_node: impl FnOnce() -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let raw: raw::RawConfig = match serde_yaml::from_str(text) {
+        let mut raw: raw::RawConfig = match serde_yaml::from_str(text) {
             Ok(raw) => raw,
             Err(source) => return Err(ConfigError::Syntax { origin, source }),
         };
         let mut p = Problems::default();
+        apply_overrides(&mut raw, overrides, &mut p);
         let config = Self::from_raw(raw, origin.clone(), default_node, &mut p);
         match config {
             Some(config) if p.0.is_empty() => Ok(config),
@@ -497,6 +562,8 @@ impl Config {
         // The login flow holds the cookie keys and the signed-out sessions: a new one would
         // log everybody out (or, with a generated secret, invalidate every cookie).
         check("login", self.login != new.login);
+        // The source's watchers are started once, with this section's settings.
+        check("kubernetes", self.kubernetes != new.kubernetes);
         out
     }
 
@@ -603,6 +670,7 @@ impl Config {
         let workloads = parse_workloads(raw.workloads, p);
         let assertion = parse_assertion(raw.assertion, p);
         let login = parse_login(raw.login, &origin, &services, p);
+        let kubernetes = raw.kubernetes.map(|k| parse_kubernetes(k, &origin, p));
 
         let (node, cgroup, bpffs, proxy, admin, log) =
             (node?, cgroup?, bpffs?, proxy?, admin?, log?);
@@ -621,7 +689,131 @@ impl Config {
             workloads,
             assertion,
             login,
+            kubernetes: kubernetes.flatten(),
         })
+    }
+}
+
+/// Command-line values replace the file's before anything is checked, so that their errors
+/// read like the file's (with the flag named).
+fn apply_overrides(raw: &mut raw::RawConfig, o: &Overrides, p: &mut Problems) {
+    if let Some(node) = &o.node {
+        raw.node = Some(node.clone());
+    }
+    if let Some(listen) = &o.proxy_listen {
+        raw.proxy.get_or_insert_with(Default::default).listen = Some(listen.clone());
+    }
+    for (flag, set) in [
+        ("--peers-namespace", o.peers_namespace.is_some()),
+        ("--kubeconfig", o.kubeconfig.is_some()),
+    ] {
+        if set && raw.kubernetes.is_none() {
+            p.push(
+                "kubernetes",
+                format!("{flag} is given, but the config has no kubernetes section"),
+            );
+        }
+    }
+    if let Some(k) = raw.kubernetes.as_mut() {
+        if let Some(ns) = &o.peers_namespace {
+            k.peers_namespace = Some(ns.clone());
+        }
+        if let Some(path) = &o.kubeconfig {
+            k.kubeconfig = Some(path.clone());
+        }
+    }
+}
+
+fn parse_kubernetes(
+    raw: raw::RawKubernetes,
+    origin: &Origin,
+    p: &mut Problems,
+) -> Option<KubernetesSection> {
+    let before = p.0.len();
+    let cgroup_driver = match raw.cgroup_driver.as_deref() {
+        None | Some("auto") => CgroupDriverSetting::Auto,
+        Some("systemd") => CgroupDriverSetting::Systemd,
+        Some("cgroupfs") => CgroupDriverSetting::Cgroupfs,
+        Some("none") => CgroupDriverSetting::None,
+        Some(other) => {
+            p.push(
+                "kubernetes.cgroup_driver",
+                format!("{other:?}: expected auto, systemd, cgroupfs or none"),
+            );
+            CgroupDriverSetting::None
+        }
+    };
+    let peers_namespace = match (raw.peers.unwrap_or(false), raw.peers_namespace) {
+        (true, None) => {
+            p.push(
+                "kubernetes.peers",
+                "true needs the gateway's namespace: set kubernetes.peers_namespace or pass \
+                 --peers-namespace (the DaemonSet passes $(POD_NAMESPACE))",
+            );
+            None
+        }
+        (true, Some(ns)) => match check_dns_label(&ns) {
+            Ok(()) => Some(ns),
+            Err(m) => {
+                p.push("kubernetes.peers_namespace", format!("{ns:?} {m}"));
+                None
+            }
+        },
+        (false, _) => None,
+    };
+    let debounce = parse_millis(
+        "kubernetes.debounce_ms",
+        raw.debounce_ms,
+        DEFAULT_KUBE_DEBOUNCE,
+        p,
+    );
+    if debounce > MAX_KUBE_DEBOUNCE {
+        p.push(
+            "kubernetes.debounce_ms",
+            format!(
+                "{} is above {} ms: changes would not be enforced within a second",
+                debounce.as_millis(),
+                MAX_KUBE_DEBOUNCE.as_millis()
+            ),
+        );
+    }
+    // A relative kubeconfig is relative to the config file, like the login section's files.
+    let kubeconfig = raw.kubeconfig.map(|path| match origin {
+        Origin::File(file) if path.is_relative() => file
+            .parent()
+            .map_or_else(|| path.clone(), |dir| dir.join(&path)),
+        _ => path,
+    });
+    if let Some(path) = &kubeconfig
+        && !path.is_file()
+    {
+        p.push(
+            "kubernetes.kubeconfig",
+            format!("{}: no such file", path.display()),
+        );
+    }
+    (p.0.len() == before).then_some(KubernetesSection {
+        kubeconfig,
+        cgroup_driver,
+        peers_namespace,
+        write_status: raw.write_status.unwrap_or(true),
+        debounce,
+    })
+}
+
+/// An RFC 1123 label (namespace names).
+fn check_dns_label(name: &str) -> Result<(), &'static str> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err("is not a namespace name (lower-case letters, digits and '-', at most 63)")
     }
 }
 

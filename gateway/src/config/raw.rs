@@ -33,6 +33,19 @@ pub(super) struct RawConfig {
     pub assertion: Option<RawAssertion>,
     /// Browser login (the login module's own wire type, validated there).
     pub login: Option<LoginConfig>,
+    /// The Kubernetes source (`gateway run` in a cluster).
+    pub kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKubernetes {
+    pub kubeconfig: Option<PathBuf>,
+    pub cgroup_driver: Option<String>,
+    pub peers: Option<bool>,
+    pub peers_namespace: Option<String>,
+    pub write_status: Option<bool>,
+    pub debounce_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,7 +80,7 @@ pub(super) struct RawHttp {
     pub login: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawProxy {
     pub listen: Option<String>,

@@ -25,7 +25,9 @@ services:
 "#;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
-    Config::parse_with(text, Origin::Embedded, || Some("host-1".into()))
+    Config::parse_with(text, Origin::Embedded, &Overrides::default(), || {
+        Some("host-1".into())
+    })
 }
 
 /// `GOOD` with `from` replaced by `to` (exactly once).
@@ -599,4 +601,90 @@ fn the_login_section_is_checked_and_names_the_field() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.restart_required(&other), ["login"]);
     assert_eq!(c.restart_required(&c.clone()), [] as [&str; 0]);
+}
+
+#[test]
+fn kubernetes_section_and_command_line_overrides() {
+    let kube = "kubernetes:\n  cgroup_driver: cgroupfs\n  peers: true\n  debounce_ms: 20\n";
+    // `peers: true` needs the namespace: from the file or from --peers-namespace.
+    let err = parse(&format!("{GOOD}{kube}")).unwrap_err().to_string();
+    assert!(err.contains("kubernetes.peers"), "{err}");
+    assert!(err.contains("--peers-namespace"), "{err}");
+    let overrides = Overrides {
+        node: Some("worker-7".into()),
+        proxy_listen: Some("10.77.0.9:15001".into()),
+        peers_namespace: Some("nodegate-system".into()),
+        kubeconfig: None,
+    };
+    let c = Config::parse_with(
+        &format!("{GOOD}{kube}"),
+        Origin::Embedded,
+        &overrides,
+        || None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.node, "worker-7");
+    assert_eq!(c.proxy.listen, "10.77.0.9:15001".parse().unwrap());
+    let k = c.kubernetes.as_ref().expect("kubernetes section");
+    assert_eq!(k.cgroup_driver, CgroupDriverSetting::Cgroupfs);
+    assert_eq!(k.peers_namespace.as_deref(), Some("nodegate-system"));
+    assert!(k.write_status, "status is written by default");
+    assert_eq!(k.debounce, Duration::from_millis(20));
+    assert!(k.kubeconfig.is_none());
+
+    // A bad override reads like a bad file, naming the field.
+    let bad = Overrides {
+        proxy_listen: Some("nowhere".into()),
+        node: Some("bad name".into()),
+        ..Overrides::default()
+    };
+    let err = Config::parse_with(GOOD, Origin::Embedded, &bad, || None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("proxy.listen"), "{err}");
+    assert!(err.contains("node"), "{err}");
+    // Kubernetes flags without a kubernetes section are a mistake, not ignored.
+    let stray = Overrides {
+        peers_namespace: Some("ng".into()),
+        ..Overrides::default()
+    };
+    let err = Config::parse_with(GOOD, Origin::Embedded, &stray, || None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--peers-namespace"), "{err}");
+
+    for (section, field) in [
+        (
+            "kubernetes:\n  cgroup_driver: systemdd\n",
+            "kubernetes.cgroup_driver",
+        ),
+        (
+            "kubernetes:\n  debounce_ms: 2000\n",
+            "kubernetes.debounce_ms",
+        ),
+        ("kubernetes:\n  debounce_ms: 0\n", "kubernetes.debounce_ms"),
+        (
+            "kubernetes:\n  peers: true\n  peers_namespace: Not_A_Namespace\n",
+            "kubernetes.peers_namespace",
+        ),
+        (
+            "kubernetes:\n  kubeconfig: /nonexistent/kubeconfig\n",
+            "kubernetes.kubeconfig",
+        ),
+        ("kubernetes:\n  watch_all: true\n", "watch_all"),
+    ] {
+        let err = crate::cli::error_chain(&parse(&format!("{GOOD}{section}")).unwrap_err());
+        assert!(err.contains(field), "{section}: {err}");
+    }
+
+    // An empty section is the defaults; a changed section needs a restart.
+    let plain = parse(&format!("{GOOD}kubernetes: {{}}\n")).unwrap_or_else(|e| panic!("{e}"));
+    let k = plain.kubernetes.as_ref().unwrap();
+    assert_eq!(k.cgroup_driver, CgroupDriverSetting::Auto);
+    assert!(k.peers_namespace.is_none());
+    assert_eq!(k.debounce, DEFAULT_KUBE_DEBOUNCE);
+    let other = parse(&format!("{GOOD}kubernetes: {{ write_status: false }}\n"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(plain.restart_required(&other), ["kubernetes"]);
+    assert!(parse(GOOD).unwrap().kubernetes.is_none());
 }

@@ -64,6 +64,10 @@ pub(super) async fn handle(
 
     // This connection keeps the table it started with, across reloads.
     let routes = shared.routes.load_full();
+    line.src_workload = routes
+        .workloads
+        .lookup(Some(orig.cgroup_id), peer.ip())
+        .map(|w| w.log("source"));
     let Some(route) = routes.resolve(orig.dst) else {
         line.reason = Reason::UnknownDestination;
         refuse(&client);

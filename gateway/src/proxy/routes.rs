@@ -47,6 +47,18 @@ pub struct WorkloadEntry {
     pub policy: policy::Workload,
 }
 
+impl WorkloadEntry {
+    /// How the decision and bypass lines name it; `from` says how it was found.
+    pub fn log(&self, from: &'static str) -> crate::telemetry::decision::WorkloadLog {
+        crate::telemetry::decision::WorkloadLog {
+            namespace: self.config.namespace.clone(),
+            service_account: self.config.service_account.clone(),
+            pod: self.config.pod.clone(),
+            from,
+        }
+    }
+}
+
 impl Workloads {
     pub fn new(list: &[StaticWorkload]) -> Self {
         let mut by_cgroup = HashMap::new();

@@ -129,6 +129,20 @@ pub fn merge(base: &Config, snapshot: &Snapshot, cgroup_root: &Path) -> Merged {
     }
 }
 
+/// The cgroup ids of the local pods' cgroups (pod and containers), sorted: when it changes a
+/// container started (or stopped) since the last merge, and the workloads must be re-read.
+pub fn cgroup_fingerprint(snapshot: &Snapshot, cgroup_root: &Path) -> Vec<u64> {
+    let mut ids: Vec<u64> = snapshot
+        .pods
+        .values()
+        .filter_map(|p| p.cgroup.as_ref())
+        .filter_map(|c| pods::cgroup_ids(cgroup_root, c).ok())
+        .flatten()
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
 /// The HTTP side of a protected service: its compiled policy, or none (L4, deny all).
 fn http_of(svc: &ProtectedService) -> (Option<HttpService>, Option<String>) {
     let PolicyBinding::Policy { source, document } = &svc.policy else {

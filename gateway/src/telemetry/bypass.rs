@@ -12,7 +12,10 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{Metrics, decision::BypassLine};
+use super::{
+    Metrics,
+    decision::{BypassLine, WorkloadLog},
+};
 use crate::ebpf::{BypassEvent, BypassEvents, Mode};
 
 /// Sources tracked at once; beyond that, new sources share one bucket (a spoofed-source flood
@@ -133,11 +136,14 @@ impl RateLimiter {
 
 /// Service name and mode of a service id (from the live service table).
 pub type ServiceLookup = Box<dyn Fn(u32) -> Option<(String, Mode)> + Send + Sync>;
+/// The local workload that owns a source address (a pod of this node), if any.
+pub type SourceLookup = Box<dyn Fn(IpAddr) -> Option<WorkloadLog> + Send + Sync>;
 
 /// Turns events into lines.
 pub struct BypassLog {
     node: String,
     lookup: ServiceLookup,
+    sources: Option<SourceLookup>,
     limiter: RateLimiter,
     metrics: Arc<Metrics>,
 }
@@ -153,9 +159,18 @@ impl BypassLog {
         Self {
             node,
             lookup,
+            sources: None,
             limiter: RateLimiter::new(lines, interval),
             metrics,
         }
+    }
+
+    /// Name the source workload of each line (by address: the kernel's ingress hook has no
+    /// cgroup for the sender).
+    #[must_use]
+    pub fn with_sources(mut self, sources: SourceLookup) -> Self {
+        self.sources = Some(sources);
+        self
     }
 
     pub fn handle(&mut self, events: &[BypassEvent], now: Instant) {
@@ -200,6 +215,7 @@ impl BypassLog {
             reason: event.reason,
             action: event.action,
             suppressed,
+            src_workload: self.sources.as_ref().and_then(|f| f(event.src.ip())),
         }
         .emit();
     }

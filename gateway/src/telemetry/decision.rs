@@ -76,6 +76,8 @@ pub struct ConnectionLine<'a> {
     pub dst: Option<SocketAddr>,
     pub src: SocketAddr,
     pub cgroup_id: Option<u64>,
+    /// The workload the source was attributed to (cgroup id, else address).
+    pub src_workload: Option<WorkloadLog>,
     /// The TLS server name of a connection passed through to an HTTP service.
     pub sni: Option<String>,
     pub decision: Decision,
@@ -98,6 +100,7 @@ impl<'a> ConnectionLine<'a> {
             dst: None,
             src,
             cgroup_id: None,
+            src_workload: None,
             sni: None,
             decision: Decision::Deny,
             reason: Reason::NoOriginalDestination,
@@ -121,6 +124,9 @@ impl<'a> ConnectionLine<'a> {
             dst = self.dst.map(display),
             src = %self.src,
             cgroup_id = self.cgroup_id,
+            src_namespace = self.src_workload.as_ref().map(|w| w.namespace.as_str()),
+            src_service_account = self.src_workload.as_ref().map(|w| w.service_account.as_str()),
+            src_pod = self.src_workload.as_ref().and_then(|w| w.pod.as_deref()),
             sni = self.sni.as_deref(),
             decision = self.decision.as_str(),
             reason = self.reason.as_str(),
@@ -322,6 +328,8 @@ pub struct BypassLine<'a> {
     pub reason: &'a str,
     pub action: &'a str,
     pub suppressed: u64,
+    /// The local workload that owns the source address, if any.
+    pub src_workload: Option<WorkloadLog>,
 }
 
 impl BypassLine<'_> {
@@ -337,6 +345,9 @@ impl BypassLine<'_> {
             reason = self.reason,
             action = self.action,
             suppressed = self.suppressed,
+            src_namespace = self.src_workload.as_ref().map(|w| w.namespace.as_str()),
+            src_service_account = self.src_workload.as_ref().map(|w| w.service_account.as_str()),
+            src_pod = self.src_workload.as_ref().and_then(|w| w.pod.as_deref()),
         );
     }
 }
@@ -540,6 +551,12 @@ mod tests {
                 reason: "not_from_gateway",
                 action: "passed",
                 suppressed: 4,
+                src_workload: Some(WorkloadLog {
+                    namespace: "ci".into(),
+                    service_account: "builder".into(),
+                    pod: Some("build-1".into()),
+                    from: "source",
+                }),
             }
             .emit();
         }
@@ -550,5 +567,8 @@ mod tests {
         assert_eq!(l["dst"], "[fd77::2]:8080");
         assert_eq!(l["action"], "passed");
         assert_eq!(l["suppressed"], 4);
+        assert_eq!(l["src_namespace"], "ci");
+        assert_eq!(l["src_service_account"], "builder");
+        assert_eq!(l["src_pod"], "build-1");
     }
 }

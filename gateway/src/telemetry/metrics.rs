@@ -2,7 +2,13 @@
 //! program stats and map sizes are read from the pinned maps at scrape time
 //! ([`KernelCollector`]), so they are exact and survive restarts of the daemon.
 
-use std::{collections::BTreeMap, fmt, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
 
 use prometheus_client::{
     collector::Collector,
@@ -18,7 +24,10 @@ use prometheus_client::{
 };
 
 use super::{Decision, Reason};
-use crate::ebpf::inspect;
+use crate::{
+    ebpf::inspect,
+    source::kubernetes::{Health, WatcherHealth},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnectionLabels {
@@ -68,6 +77,11 @@ struct BypassLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabels {
+    resource: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: &'static str,
 }
@@ -101,6 +115,9 @@ pub struct Metrics {
     bypass_lines_suppressed: Counter,
     decision_log_errors: Family<SinkLabels, Counter>,
     config_reloads: Family<ResultLabels, Counter>,
+    kube_applies: Family<ResultLabels, Counter>,
+    /// The Kubernetes source's health as last reported (`None`: no source).
+    kube_health: Arc<Mutex<Option<Health>>>,
 }
 
 impl fmt::Debug for Metrics {
@@ -177,6 +194,7 @@ impl Metrics {
             "Config reloads, by result (ok, error)",
             config_reloads.clone(),
         );
+        let (kube_applies, kube_health) = register_source(&mut registry);
         if let Some(bpffs) = bpffs {
             let scrape_errors = Counter::default();
             registry.register(
@@ -201,7 +219,24 @@ impl Metrics {
             bypass_lines_suppressed,
             decision_log_errors,
             config_reloads,
+            kube_applies,
+            kube_health,
         }
+    }
+
+    /// The Kubernetes source's health, for the `nodegate_kubernetes_*` gauges.
+    pub fn kubernetes_health(&self, health: &Health) {
+        *self
+            .kube_health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(health.clone());
+    }
+
+    pub fn kubernetes_applied(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.kube_applies
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     pub fn connection(&self, service: Option<&str>, decision: Decision, reason: Reason) {
@@ -341,6 +376,113 @@ impl Collector for KernelCollector {
         }
         Ok(())
     }
+}
+
+/// The Kubernetes source's series: snapshots applied, and its health read at scrape time.
+fn register_source(
+    registry: &mut Registry,
+) -> (Family<ResultLabels, Counter>, Arc<Mutex<Option<Health>>>) {
+    let applies = Family::<ResultLabels, Counter>::default();
+    registry.register(
+        "nodegate_kubernetes_snapshots_applied",
+        "Kubernetes snapshots merged into the routes and the kernel maps, by result (ok, error)",
+        applies.clone(),
+    );
+    let health = Arc::new(Mutex::new(None));
+    registry.register_collector(Box::new(SourceCollector {
+        health: health.clone(),
+    }));
+    (applies, health)
+}
+
+/// A per-watcher family: name, help, type, value.
+type PerWatcher = (
+    &'static str,
+    &'static str,
+    MetricType,
+    fn(&WatcherHealth) -> i64,
+);
+
+/// The Kubernetes source's health at scrape time.
+#[derive(Debug)]
+struct SourceCollector {
+    health: Arc<Mutex<Option<Health>>>,
+}
+
+impl Collector for SourceCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let Some(health) = self
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+        else {
+            return Ok(());
+        };
+        let gauge = |encoder: &mut DescriptorEncoder, name, help, value: i64| {
+            let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(metric)
+        };
+        gauge(
+            &mut encoder,
+            "nodegate_kubernetes_ready",
+            "1 while every watcher of the Kubernetes source has listed and none is failing",
+            i64::from(health.ready()),
+        )?;
+        gauge(
+            &mut encoder,
+            "nodegate_kubernetes_snapshot_revision",
+            "Snapshots published by the Kubernetes source (changes only)",
+            i64::try_from(health.revision).unwrap_or(i64::MAX),
+        )?;
+        gauge(
+            &mut encoder,
+            "nodegate_kubernetes_last_sync_timestamp_seconds",
+            "When a snapshot was last computed from caches all in sync with the API server",
+            unix_seconds(health.last_sync),
+        )?;
+        let families: [PerWatcher; 3] = [
+            (
+                "nodegate_kubernetes_watcher_synced",
+                "1 when the watcher has listed at least once and is not failing",
+                MetricType::Gauge,
+                |w| i64::from(w.synced && w.error.is_none()),
+            ),
+            (
+                "nodegate_kubernetes_watcher_consecutive_failures",
+                "Failures of the watcher since its last successful list",
+                MetricType::Gauge,
+                |w| i64::try_from(w.failures).unwrap_or(i64::MAX),
+            ),
+            (
+                "nodegate_kubernetes_watcher_relists",
+                "Re-lists forced by 410 Gone (resource version too old)",
+                MetricType::Counter,
+                |w| i64::try_from(w.relists).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, kind, value) in families {
+            let counter = matches!(kind, MetricType::Counter);
+            let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+            for w in &health.watchers {
+                let labels = ResourceLabels {
+                    resource: w.resource,
+                };
+                let v = value(w);
+                if counter {
+                    ConstCounter::new(v.unsigned_abs()).encode(metric.encode_family(&labels)?)?;
+                } else {
+                    ConstGauge::new(v).encode(metric.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn unix_seconds(t: Option<SystemTime>) -> i64 {
+    t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 fn encode_counters(

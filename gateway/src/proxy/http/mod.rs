@@ -670,12 +670,7 @@ async fn process(
                 })
             }
             (None, Some(k)) => {
-                line.workload = Some(WorkloadLog {
-                    namespace: k.config.namespace.clone(),
-                    service_account: k.config.service_account.clone(),
-                    pod: k.config.pod.clone(),
-                    from: "source",
-                });
+                line.workload = Some(k.log("source"));
                 Some(k.policy.clone())
             }
             (None, None) => None,

@@ -8,6 +8,7 @@
 
 mod bench;
 mod cmd;
+mod daemonset;
 mod demo;
 mod fmt;
 mod setup;

@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::{
     cmd::{self, Steps},
-    setup,
+    daemonset, setup,
 };
 
 #[derive(clap::Args)]
@@ -49,6 +49,10 @@ pub fn run(args: &Args) -> Result<()> {
     steps.run("build the tests", || {
         cmd::run(test_command().arg("--no-run").args(&args.cargo_test_args))
     })?;
+    steps.run(
+        "validate daemonset/ (kubernetes-validate --strict, CRD schema, examples)",
+        daemonset::validate,
+    )?;
     steps.print_summary("cargo xtask test: checks passed");
     let gateway = gateway_bin();
     println!(

@@ -296,6 +296,8 @@ pub struct Gateway {
     config: GatewayConfig,
     config_path: PathBuf,
     proc: Proc,
+    /// Run with only these capabilities (`setpriv`), as the DaemonSet does; `None`: all of root's.
+    caps: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -310,15 +312,27 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     pub(crate) fn start(node: &Node, config: GatewayConfig) -> Result<Self> {
+        Self::start_with_caps(node, config, None)
+    }
+
+    /// Like [`Self::start`], the daemon (and its restarts) holding only `caps` (capability
+    /// names as `setpriv` spells them, e.g. `bpf`, `net_admin`): root's other capabilities
+    /// are removed from its bounding set, so it runs as the `DaemonSet`'s container would.
+    pub(crate) fn start_with_caps(
+        node: &Node,
+        config: GatewayConfig,
+        caps: Option<Vec<String>>,
+    ) -> Result<Self> {
         node.tools().require_gateway()?;
         let config_path = node.dir().join("gateway.yaml");
         write_file(&config_path, &config.to_yaml())?;
-        let proc = spawn(node, &config_path)?;
+        let proc = spawn(node, &config_path, caps.as_deref())?;
         let gateway = Self {
             node: node.clone(),
             config,
             config_path,
             proc,
+            caps,
         };
         gateway.wait_ready()?;
         Ok(gateway)
@@ -415,7 +429,7 @@ impl Gateway {
     /// until it is ready.
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill();
-        self.proc = spawn(&self.node, &self.config_path)?;
+        self.proc = spawn(&self.node, &self.config_path, self.caps.as_deref())?;
         self.wait_ready()
     }
 
@@ -423,7 +437,7 @@ impl Gateway {
     /// waiting for `/readyz` (for a daemon that is expected not to get ready yet).
     pub fn respawn(&mut self) -> Result<()> {
         self.proc.kill();
-        self.proc = spawn(&self.node, &self.config_path)?;
+        self.proc = spawn(&self.node, &self.config_path, self.caps.as_deref())?;
         Ok(())
     }
 
@@ -551,8 +565,20 @@ impl Gateway {
     }
 }
 
-fn spawn(node: &Node, config_path: &Path) -> Result<Proc> {
-    let mut cmd = Command::new(node.tools().require_gateway()?);
+fn spawn(node: &Node, config_path: &Path, caps: Option<&[String]>) -> Result<Proc> {
+    let gateway = node.tools().require_gateway()?;
+    let mut cmd = match caps {
+        None => Command::new(gateway),
+        Some(caps) => {
+            let set: String = caps.iter().map(|c| format!(",+{c}")).collect();
+            let mut cmd = Command::new("setpriv");
+            cmd.arg(format!("--bounding-set=-all{set}"))
+                .arg("--inh-caps=-all")
+                .arg("--")
+                .arg(gateway);
+            cmd
+        }
+    };
     cmd.arg("run")
         .arg("--config")
         .arg(config_path)

@@ -741,6 +741,12 @@ impl Node {
         Gateway::start(self, config)
     }
 
+    /// [`Self::start_gateway`] with the daemon holding only `caps` (`setpriv` names).
+    pub fn start_gateway_with_caps(&self, config: GatewayConfig, caps: &[&str]) -> Result<Gateway> {
+        let caps = caps.iter().map(|&c| c.to_owned()).collect();
+        Gateway::start_with_caps(self, config, Some(caps))
+    }
+
     /// Starts a process in the gateway's place (node netns, gateway cgroup).
     pub(crate) fn spawn_gateway_process(&self, label: &str, cmd: Command) -> Result<Proc> {
         self.inner.rt.spawn(

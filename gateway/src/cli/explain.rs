@@ -31,6 +31,8 @@ pub(super) struct Request<'a> {
     pub claims: Option<&'a str>,
     pub workload: Option<&'a str>,
     pub source: Option<IpAddr>,
+    /// The SPIFFE ID of a verified client certificate.
+    pub spiffe_id: Option<&'a str>,
     pub json: bool,
 }
 
@@ -72,6 +74,10 @@ struct WorkloadOut {
 
 /// Runs the explanation; `Ok(true)` when the request would be allowed.
 pub(super) fn explain(req: &Request<'_>) -> Result<bool, CliError> {
+    if let Some(id) = req.spiffe_id {
+        crate::policy::spiffe::check_id(id)
+            .map_err(|e| CliError::Input(format!("--spiffe-id {id:?}: {e}")))?;
+    }
     let config = Config::load(req.config)?;
     let service = config
         .services
@@ -185,7 +191,7 @@ fn evaluate(
         identity,
         workload,
         source_ip: req.source,
-        spiffe_id: None,
+        spiffe_id: req.spiffe_id,
         method: req.method,
         host: req.host,
         path,
@@ -456,7 +462,7 @@ mod tests {
                 "node: n\ncgroup: /sys/fs/cgroup\nproxy: {{ listen: 127.0.0.2:15001 }}\ngateways: [127.0.0.1]\n\
                  auth: {{ issuers: [ {{ name: t, issuer: https://idp.test, jwks_file: \"{}\", audiences: [ng], algorithms: [ES256] }} ] }}\n\
                  workloads: [ {{ namespace: ci, service_account: builder, addresses: [10.0.0.9] }} ]\n\
-                 services:\n  - name: web\n    vips: [\"10.96.0.1:80\"]\n    policy:\n      deny: [ {{ id: no-admin, when: {{ path: {{ prefix: /admin }} }} }} ]\n      allow:\n        - {{ id: devs, when: {{ groups: devs }} }}\n        - {{ id: ci, when: {{ workload: {{ namespace: ci }} }} }}\n  - name: l4\n    vips: [\"10.96.0.2:80\"]\n",
+                 services:\n  - name: web\n    vips: [\"10.96.0.1:80\"]\n    policy:\n      deny: [ {{ id: no-admin, when: {{ path: {{ prefix: /admin }} }} }} ]\n      allow:\n        - {{ id: devs, when: {{ groups: devs }} }}\n        - {{ id: ci, when: {{ workload: {{ namespace: ci }} }} }}\n        - {{ id: mesh, when: {{ spiffe_id: \"spiffe://td.test/ns/ci/*\" }} }}\n  - name: l4\n    vips: [\"10.96.0.2:80\"]\n",
                 jwks.display()
             ),
         );
@@ -489,6 +495,7 @@ mod tests {
             claims: None,
             workload: None,
             source: None,
+            spiffe_id: None,
             json: true,
         };
         assert!(
@@ -543,7 +550,25 @@ mod tests {
             })
             .unwrap()
         );
+        assert!(
+            explain(&Request {
+                spiffe_id: Some("spiffe://td.test/ns/ci/sa/builder"),
+                ..base
+            })
+            .unwrap()
+        );
+        assert!(
+            !explain(&Request {
+                spiffe_id: Some("spiffe://other.test/ns/ci/sa/builder"),
+                ..base
+            })
+            .unwrap()
+        );
         for bad in [
+            Request {
+                spiffe_id: Some("https://td.test/x"),
+                ..base
+            },
             Request {
                 service: "nope",
                 ..base

@@ -120,6 +120,9 @@ enum Command {
         /// The source address (for `source_cidr` and the static workloads' addresses).
         #[arg(long, value_name = "IP")]
         source: Option<IpAddr>,
+        /// The SPIFFE ID of a verified client certificate (for `spiffe_id`).
+        #[arg(long, value_name = "ID")]
+        spiffe_id: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -311,6 +314,7 @@ fn dispatch(command: Command) -> Result<(), CliError> {
             claims,
             workload,
             source,
+            spiffe_id,
             json,
         } => {
             let allowed = explain::explain(&explain::Request {
@@ -323,6 +327,7 @@ fn dispatch(command: Command) -> Result<(), CliError> {
                 claims: claims.as_deref(),
                 workload: workload.as_deref(),
                 source,
+                spiffe_id: spiffe_id.as_deref(),
                 json,
             })?;
             if allowed {

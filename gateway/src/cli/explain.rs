@@ -75,7 +75,7 @@ struct WorkloadOut {
 /// Runs the explanation; `Ok(true)` when the request would be allowed.
 pub(super) fn explain(req: &Request<'_>) -> Result<bool, CliError> {
     if let Some(id) = req.spiffe_id {
-        crate::policy::spiffe::check_id(id)
+        policy::spiffe::check_id(id)
             .map_err(|e| CliError::Input(format!("--spiffe-id {id:?}: {e}")))?;
     }
     let config = Config::load(req.config)?;

@@ -53,6 +53,17 @@ pub struct Subject<'a> {
     pub groups: &'a [String],
     pub issuer: Option<&'a str>,
     pub workload: Option<AssertedWorkload<'a>>,
+    /// The verified client certificate of a TLS connection the gateway terminated.
+    pub client_cert: Option<AssertedCert<'a>>,
+}
+
+/// A verified client certificate, as asserted.
+#[derive(Debug, Clone, Serialize)]
+pub struct AssertedCert<'a> {
+    /// RFC 4514 subject.
+    pub subject: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -72,6 +83,8 @@ struct Claims<'a> {
     idp: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     workload: Option<AssertedWorkload<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_cert: Option<AssertedCert<'a>>,
     iat: u64,
     exp: u64,
     jti: &'a str,
@@ -154,6 +167,7 @@ impl AssertionSigner {
             groups: subject.groups,
             idp: subject.issuer,
             workload: subject.workload.clone(),
+            client_cert: subject.client_cert.clone(),
             iat: now,
             exp: now + self.config.ttl.as_secs(),
             jti: request_id,
@@ -197,6 +211,10 @@ mod tests {
                     service_account: "builder",
                     pod: None,
                 }),
+                client_cert: Some(AssertedCert {
+                    subject: "CN=builder,O=Example",
+                    spiffe_id: Some("spiffe://td.test/ns/ci/sa/builder"),
+                }),
             },
             "00ff",
         );
@@ -217,6 +235,11 @@ mod tests {
         assert_eq!(c["sub"], "alice");
         assert_eq!(c["groups"][0], "devs");
         assert_eq!(c["workload"]["namespace"], "ci");
+        assert_eq!(
+            c["client_cert"]["spiffe_id"],
+            "spiffe://td.test/ns/ci/sa/builder"
+        );
+        assert_eq!(c["client_cert"]["subject"], "CN=builder,O=Example");
         assert_eq!(c["jti"], "00ff");
         assert_eq!(c["exp"].as_u64().unwrap() - c["iat"].as_u64().unwrap(), 60);
 
@@ -231,6 +254,7 @@ mod tests {
                 groups: &[],
                 issuer: None,
                 workload: None,
+                client_cert: None,
             },
             "1",
         );

@@ -49,7 +49,7 @@ pub use self::{
     login::BrowserLogin,
 };
 use self::{
-    assertion::{AssertedWorkload, Subject},
+    assertion::{AssertedCert, AssertedWorkload, Subject},
     authn::{Authn, LoginRequest},
     framing::{FramingGuard, Refused},
     headers::{
@@ -983,14 +983,21 @@ impl Forward<'_> {
             service_account: &w.service_account,
             pod: w.pod.as_deref(),
         });
-        let subject = Subject {
-            kind: id.map_or("anonymous", |i| i.kind.as_str()),
-            subject: id.map(|i| i.subject.as_str()),
-            email: id.and_then(|i| i.email.as_deref()),
-            groups: id.map_or(&[], |i| i.groups.as_slice()),
-            issuer: id.map(|i| i.issuer.as_str()),
-            workload,
-        };
+        let subject =
+            Subject {
+                kind: id.map_or("anonymous", |i| i.kind.as_str()),
+                subject: id.map(|i| i.subject.as_str()),
+                email: id.and_then(|i| i.email.as_deref()),
+                groups: id.map_or(&[], |i| i.groups.as_slice()),
+                issuer: id.map(|i| i.issuer.as_str()),
+                workload,
+                client_cert: conn.tls.as_ref().and_then(|t| t.client_cert()).map(|c| {
+                    AssertedCert {
+                        subject: &c.subject,
+                        spiffe_id: c.spiffe_id.as_deref(),
+                    }
+                }),
+            };
         let token = signer.sign(&self.route.service.name, &subject, self.request_id);
         if let Ok(v) = HeaderValue::from_str(&token) {
             headers.insert(X_NODEGATE_ASSERTION, v);

@@ -281,9 +281,19 @@ fn endpoints_scaling_up_and_down_are_followed_by_the_maps() {
         assert_eq!(reply.body, "hello from web2", "{line}");
     }
 
-    // Down: web1 leaves; its address is no longer protected.
+    // Down: web1 leaves; its address is no longer protected. The change is made while every
+    // watch is ended and held, then the API server compacts its history: the watchers resume
+    // from a resourceVersion that is gone, get `410 Expired` in the stream and re-list, which
+    // is no outage.
+    c.api.api().hold_watches();
+    c.api.api().end_watches();
     c.slices(&["web2"], &[]);
+    c.api.api().compact();
+    c.api.api().release_watches();
     wait(&["web2"]);
+    assert_eq!(readyz(&c.gw).0, 200, "a 410 is not an outage");
+    let relists = relists(&c.gw, "endpointslices");
+    assert!(relists >= 1.0, "the slices' watcher re-listed: {relists}");
     c.assert_direct_answered("web1", "scaled down");
     c.assert_direct_dropped("web2", "still an endpoint");
 
@@ -291,6 +301,19 @@ fn endpoints_scaling_up_and_down_are_followed_by_the_maps() {
     c.api.delete(kube::Kind::Service, NS, "web");
     wait_dests(&c.gw, WEB, &dests(&[], &[]), now(), Duration::from_secs(5));
     c.assert_direct_answered("web2", "service deleted");
+}
+
+/// `nodegate_kubernetes_watcher_relists` of `resource` (0 when absent).
+fn relists(gw: &Gateway, resource: &str) -> f64 {
+    let metrics = gw.metrics().expect("metrics");
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("nodegate_kubernetes_watcher_relists")
+                && l.contains(&format!("resource=\"{resource}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[test]
@@ -443,18 +466,20 @@ fn an_invalid_access_policy_is_reported_and_denies_all() {
         message.contains("allow[1]") && message.contains("web allow nothing"),
         "the message names the field and the effect: {message}"
     );
-    let events: Vec<Value> = c
-        .api
-        .all(kube::Kind::Event)
-        .into_iter()
-        .filter(|e| e["regarding"]["name"] == "web" && e["reason"] == "InvalidPolicy")
-        .collect();
-    assert!(
-        !events.is_empty(),
-        "a Warning event: {:?}",
-        c.api.all(kube::Kind::Event)
-    );
-    assert_eq!(events[0]["type"], "Warning", "{}", events[0]);
+    // The event follows the status write.
+    let event = nodegate_tests::harness::poll_until(
+        "a Warning event on AccessPolicy shop/web",
+        Duration::from_secs(5),
+        || {
+            Ok(c.api.all(kube::Kind::Event).into_iter().find(|e| {
+                e["regarding"]["name"] == "web"
+                    && e["regarding"]["kind"] == "AccessPolicy"
+                    && e["reason"] == "InvalidPolicy"
+            }))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", c.api.all(kube::Kind::Event)));
+    assert_eq!(event["type"], "Warning", "{event}");
 
     // What the valid policy allowed is denied now: still protected, never widened.
     nodegate_tests::harness::poll_until("the deny-all to apply", Duration::from_secs(5), || {

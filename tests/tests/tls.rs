@@ -342,6 +342,24 @@ fn client_certificates_allow_by_spiffe_id_and_bad_ones_are_refused() {
         line["tls"]["client_cert"]["subject"], "CN=checkout",
         "{line}"
     );
+    // The backend learns who called from the signed assertion, not from anything the client
+    // could send.
+    let reply = t.get(API, 20, "/headers", Some("checkout"));
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let echo = reply.json().expect("the backend's /headers echo");
+    let assertion = echo["headers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|h| {
+            h[0].as_str()
+                .is_some_and(|n| n.eq_ignore_ascii_case("x-nodegate-assertion"))
+        })
+        .and_then(|h| h[1].as_str())
+        .unwrap_or_else(|| panic!("no assertion reached the backend: {echo}"));
+    let (_, claims) = nodegate_tests::harness::oidc::decode_unverified(assertion).expect("a JWT");
+    assert_eq!(claims["client_cert"]["spiffe_id"], ALLOWED, "{claims}");
+    assert_eq!(claims["client_cert"]["subject"], "CN=checkout", "{claims}");
 
     // Verified, another SPIFFE ID: an identity policy does not allow (403).
     let reply = t.get(API, 20, "/orders", Some("cart"));

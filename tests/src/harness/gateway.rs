@@ -296,7 +296,8 @@ pub struct Gateway {
     config: GatewayConfig,
     config_path: PathBuf,
     proc: Proc,
-    /// Run with only these capabilities (`setpriv`), as the DaemonSet does; `None`: all of root's.
+    /// Run with only these capabilities (`setpriv`), as the `DaemonSet` does; `None`: all of
+    /// root's.
     caps: Option<Vec<String>>,
 }
 
@@ -306,6 +307,7 @@ impl std::fmt::Debug for Gateway {
             .field("node", &self.node.prefix())
             .field("config", &self.config_path)
             .field("proc", &self.proc)
+            .field("caps", &self.caps)
             .finish()
     }
 }
@@ -570,7 +572,10 @@ fn spawn(node: &Node, config_path: &Path, caps: Option<&[String]>) -> Result<Pro
     let mut cmd = match caps {
         None => Command::new(gateway),
         Some(caps) => {
-            let set: String = caps.iter().map(|c| format!(",+{c}")).collect();
+            let set = caps.iter().fold(String::new(), |mut set, c| {
+                let _ = write!(set, ",+{c}");
+                set
+            });
             let mut cmd = Command::new("setpriv");
             cmd.arg(format!("--bounding-set=-all{set}"))
                 .arg("--inh-caps=-all")

@@ -1,8 +1,8 @@
-//! The DaemonSet runs the gateway with capabilities BPF, NET_ADMIN, PERFMON and SYS_RESOURCE
+//! The `DaemonSet` runs the gateway with capabilities `BPF`, `NET_ADMIN`, `PERFMON` and `SYS_RESOURCE`
 //! instead of `privileged` (daemonset/daemonset.yaml). These tests run it exactly so (root's
 //! other capabilities removed from the bounding set with `setpriv`) and check that everything
 //! the container does works: attach, sync, redirect, drop and count, a restart onto the
-//! pinned links, and the operator's CLI (`counters`, `status`) — and that without CAP_BPF it
+//! pinned links, and the operator's CLI (`counters`, `status`) — and that without `CAP_BPF` it
 //! fails with a clear error instead of half-working.
 
 mod common;
@@ -12,7 +12,7 @@ use std::{net::IpAddr, process::Command, time::Duration};
 use common::{
     DROP_TIMEOUT, OK_TIMEOUT, assert_answered, assert_timed_out, config, counters, dial, node, web,
 };
-use nodegate_tests::harness::{Mode, run_command};
+use nodegate_tests::harness::{Mode, run_command, with_only_caps};
 
 /// The `add:` list of daemonset/daemonset.yaml, in `setpriv` spelling.
 const DAEMONSET_CAPS: [&str; 4] = ["bpf", "net_admin", "perfmon", "sys_resource"];
@@ -121,8 +121,10 @@ fn cap_set(pid: u32, which: &str) -> u64 {
     status
         .lines()
         .find_map(|l| l.strip_prefix(which)?.strip_prefix(':'))
-        .map(|v| u64::from_str_radix(v.trim(), 16).expect("hex"))
-        .unwrap_or_else(|| panic!("{which} of {pid}"))
+        .map_or_else(
+            || panic!("{which} of {pid}"),
+            |v| u64::from_str_radix(v.trim(), 16).expect("hex"),
+        )
 }
 
 /// `gateway <args>` holding only `caps`.
@@ -131,12 +133,7 @@ fn with_caps(caps: &[&str], args: &[&str]) -> Command {
         .require_gateway()
         .expect("gateway binary")
         .to_path_buf();
-    let set: String = caps.iter().map(|c| format!(",+{c}")).collect();
-    let mut cmd = Command::new("setpriv");
-    cmd.arg(format!("--bounding-set=-all{set}"))
-        .arg("--inh-caps=-all")
-        .arg("--")
-        .arg(gateway)
-        .args(args);
+    let mut cmd = with_only_caps(caps, &gateway);
+    cmd.args(args);
     cmd
 }

@@ -4,8 +4,8 @@
 //!
 //! The Python tools go into a venv of their own under the target directory, at pinned
 //! versions; like every setup step it looks first, so a second run only asks the venv's `pip`
-//! what it has. `kubectl` (for `kubectl kustomize`) comes with the machine image
-//! (google-cloud-cli); without it the step fails and says so.
+//! what it has. `kubectl` (for `kubectl kustomize`) comes with the machine image here
+//! (google-cloud-cli); on a bare Debian 12 it is installed from apt (`kubernetes-client`).
 
 use std::{path::PathBuf, process::Command};
 
@@ -79,10 +79,18 @@ pub fn python_tools() -> Result<PathBuf> {
 /// Runs `daemonset/validate.sh` with the venv first on `PATH`; fails when it does.
 pub fn validate() -> Result<()> {
     if cmd::output(Command::new("kubectl").args(["version", "--client"])).is_none() {
-        bail!(
-            "kubectl not found: daemonset/validate.sh renders the manifests with `kubectl \
-             kustomize` (kubectl comes with google-cloud-cli on these machines)"
-        );
+        // A bare Debian 12: its kubernetes-client (kubectl 1.20, kustomize built in) renders
+        // daemonset/ as well (the kustomization sticks to what that kustomize knows).
+        println!("  install  kubernetes-client (apt: kubectl for `kubectl kustomize`)");
+        cmd::run(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdin(std::process::Stdio::null())
+                .args(["install", "-y", "-q", "kubernetes-client"]),
+        )?;
+        if cmd::output(Command::new("kubectl").args(["version", "--client"])).is_none() {
+            bail!("kubectl not found even after installing kubernetes-client");
+        }
     }
     let bin = python_tools()?;
     let path = std::env::var_os("PATH").unwrap_or_default();

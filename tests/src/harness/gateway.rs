@@ -571,24 +571,28 @@ fn spawn(node: &Node, config_path: &Path, caps: Option<&[String]>) -> Result<Pro
     let gateway = node.tools().require_gateway()?;
     let mut cmd = match caps {
         None => Command::new(gateway),
-        Some(caps) => {
-            let set = caps.iter().fold(String::new(), |mut set, c| {
-                let _ = write!(set, ",+{c}");
-                set
-            });
-            let mut cmd = Command::new("setpriv");
-            cmd.arg(format!("--bounding-set=-all{set}"))
-                .arg("--inh-caps=-all")
-                .arg("--")
-                .arg(gateway);
-            cmd
-        }
+        Some(caps) => with_only_caps(caps, gateway),
     };
     cmd.arg("run")
         .arg("--config")
         .arg(config_path)
         .env("RUST_BACKTRACE", "1");
     node.spawn_gateway_process("gateway", cmd)
+}
+
+/// `program` run holding only `caps` (`setpriv` names, e.g. `bpf`): root's other
+/// capabilities are removed from its bounding set, none is inheritable.
+pub fn with_only_caps(caps: &[impl AsRef<str>], program: &Path) -> Command {
+    let set = caps.iter().fold(String::new(), |mut set, c| {
+        let _ = write!(set, ",+{}", c.as_ref());
+        set
+    });
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--bounding-set=-all{set}"))
+        .arg("--inh-caps=-all")
+        .arg("--")
+        .arg(program);
+    cmd
 }
 
 fn write_file(path: &Path, text: &str) -> Result<()> {

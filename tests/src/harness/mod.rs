@@ -36,7 +36,7 @@ use std::{
 
 pub use gateway::{
     ADMIN_PORT, Counters, Gateway, GatewayConfig, Mode, PROXY_PORT, ServiceConfig,
-    bpftool_cgroup_show, bpftool_prog_ids, metric_value, poll_until,
+    bpftool_cgroup_show, bpftool_prog_ids, metric_value, poll_until, with_only_caps,
 };
 pub use http::{HttpReply, HttpRequest, describe as describe_request};
 pub use kube::{Endpoint, KubeApi, ServiceObject};

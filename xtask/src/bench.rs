@@ -16,6 +16,7 @@ use anyhow::{Context as _, Result};
 use serde_json::Value;
 
 use crate::{
+    bench_peers,
     cmd::{self, Steps},
     setup,
     test::GATEWAY_BIN_ENV,
@@ -27,79 +28,233 @@ pub struct Args {
     /// report goes to target/nodegate-bench/ unless --output says otherwise.
     #[arg(long)]
     quick: bool,
-    /// Where to write the report (default docs/BENCHMARKS.md).
+    /// Where to write the report (default docs/BENCHMARKS.md for a full run of every pass,
+    /// target/nodegate-bench/BENCHMARKS.md otherwise).
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Passed on to the bench binary (criterion's options, e.g. a name filter).
+    /// Only write the report again from the last run's JSON (target/nodegate-bench/).
+    #[arg(long)]
+    report_only: bool,
+    /// Which passes, first: `datapath` (kernel path and L4 proxy, criterion; plus the policy
+    /// and token benches), `http` (side by side with Envoy and nginx), `scale` (kernel cost
+    /// with 10 to 10,000 services), or `all` (default). Anything after is passed on to the
+    /// datapath bench binary (criterion's options, e.g. a name filter).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     criterion: Vec<OsString>,
 }
 
+/// The passes of a run.
+#[derive(Clone, Copy, Default)]
+struct Passes {
+    datapath: bool,
+    http: bool,
+    scale: bool,
+}
+
+impl Passes {
+    const ALL: Self = Self {
+        datapath: true,
+        http: true,
+        scale: true,
+    };
+
+    /// Leading pass names of `args` (`datapath`, `http`, `scale`, `all`; default all) and the
+    /// rest, for criterion.
+    fn split(args: &[OsString]) -> (Self, &[OsString]) {
+        let mut passes = Self::default();
+        let mut used = 0;
+        for arg in args {
+            match arg.to_str() {
+                Some("all") => passes = Self::ALL,
+                Some("datapath") => passes.datapath = true,
+                Some("http") => passes.http = true,
+                Some("scale") => passes.scale = true,
+                _ => break,
+            }
+            used += 1;
+        }
+        if used == 0 {
+            passes = Self::ALL;
+        }
+        (passes, &args[used..])
+    }
+
+    fn all(self) -> bool {
+        self.datapath && self.http && self.scale
+    }
+
+    fn peers_env(self) -> String {
+        let mut p = Vec::new();
+        if self.http {
+            p.push("http");
+        }
+        if self.scale {
+            p.push("scale");
+        }
+        p.join(",")
+    }
+}
+
 pub fn run(args: &Args) -> Result<()> {
+    let (passes, criterion_args) = Passes::split(&args.criterion);
     let mut steps = Steps::default();
+    if args.report_only {
+        let out_dir = cmd::target_dir().join("nodegate-bench");
+        let output = args
+            .output
+            .clone()
+            .unwrap_or_else(|| out_dir.join("BENCHMARKS.md"));
+        return write_report(
+            passes,
+            &out_dir.join("results.json"),
+            &out_dir.join("peers.json"),
+            &cmd::target_dir().join("criterion"),
+            SystemTime::UNIX_EPOCH,
+            &output,
+        );
+    }
     steps.run("setup", setup::run)?;
+    let tools = if passes.http {
+        Some(steps.run(
+            "benchmark tools (wrk, h2load, nginx, oha, Envoy)",
+            setup::bench_tools,
+        )?)
+    } else {
+        None
+    };
     steps.run("build the gateway (release)", || {
         cmd::run(cmd::cargo().args(["build", "--release", "-p", "gateway", "--bins"]))
     })?;
     let out_dir = cmd::target_dir().join("nodegate-bench");
     let results_path = out_dir.join("results.json");
+    let peers_path = out_dir.join("peers.json");
     let criterion_dir = cmd::target_dir().join("criterion");
     let started = SystemTime::now();
-    steps.run("run the benchmarks (root, simulated node)", || {
-        let mut bench = cmd::cargo();
-        bench
-            .args(["bench", "-p", "nodegate-tests", "--bench", "datapath", "--"])
-            .args(&args.criterion)
-            .env(
-                GATEWAY_BIN_ENV,
-                cmd::target_dir().join("release").join("gateway"),
-            )
-            .env("NODEGATE_BENCH_OUT", &results_path)
-            .env("CRITERION_HOME", &criterion_dir);
-        if args.quick {
-            bench.env("NODEGATE_BENCH_QUICK", "1");
-        }
-        cmd::run(&mut bench)
-    })?;
-    steps.run(
-        "run the policy and token benchmarks (userspace hot path)",
-        || {
+    let gateway_bin = cmd::target_dir().join("release").join("gateway");
+    if passes.datapath {
+        steps.run("run the benchmarks (root, simulated node)", || {
             let mut bench = cmd::cargo();
             bench
-                .args([
-                    "bench", "-p", "gateway", "--bench", "policy", "--bench", "auth", "--",
-                ])
-                .args(&args.criterion)
+                .args(["bench", "-p", "nodegate-tests", "--bench", "datapath", "--"])
+                .args(criterion_args)
+                .env(GATEWAY_BIN_ENV, &gateway_bin)
+                .env("NODEGATE_BENCH_OUT", &results_path)
                 .env("CRITERION_HOME", &criterion_dir);
             if args.quick {
-                bench.args(["--warm-up-time", "0.5", "--measurement-time", "1"]);
+                bench.env("NODEGATE_BENCH_QUICK", "1");
             }
             cmd::run(&mut bench)
-        },
-    )?;
+        })?;
+        steps.run(
+            "run the policy and token benchmarks (userspace hot path)",
+            || {
+                let mut bench = cmd::cargo();
+                bench
+                    .args([
+                        "bench", "-p", "gateway", "--bench", "policy", "--bench", "auth", "--",
+                    ])
+                    .args(criterion_args)
+                    .env("CRITERION_HOME", &criterion_dir);
+                if args.quick {
+                    bench.args(["--warm-up-time", "0.5", "--measurement-time", "1"]);
+                }
+                cmd::run(&mut bench)
+            },
+        )?;
+    }
+    if passes.http || passes.scale {
+        steps.run(
+            "run the side-by-side and scale benchmarks (root, simulated node)",
+            || {
+                run_peers(
+                    args.quick,
+                    passes,
+                    tools.as_ref(),
+                    &gateway_bin,
+                    &peers_path,
+                )
+            },
+        )?;
+    }
     let output = args.output.clone().unwrap_or_else(|| {
-        if args.quick {
+        if args.quick || !passes.all() {
             out_dir.join("BENCHMARKS.md")
         } else {
             cmd::project_root().join("docs").join("BENCHMARKS.md")
         }
     });
     steps.run("write the report", || {
-        let results: Value = serde_json::from_str(
-            &fs::read_to_string(&results_path)
-                .with_context(|| format!("reading {}", results_path.display()))?,
+        write_report(
+            passes,
+            &results_path,
+            &peers_path,
+            &criterion_dir,
+            started,
+            &output,
         )
-        .with_context(|| format!("parsing {}", results_path.display()))?;
-        let report = Report::new(&results, &criterion_dir, started).render();
-        if let Some(dir) = output.parent() {
-            fs::create_dir_all(dir)?;
-        }
-        fs::write(&output, report).with_context(|| format!("writing {}", output.display()))?;
-        println!("wrote {}", output.display());
-        Ok(())
     })?;
     steps.print_summary("cargo xtask bench: done");
     Ok(())
+}
+
+fn write_report(
+    passes: Passes,
+    results_path: &Path,
+    peers_path: &Path,
+    criterion_dir: &Path,
+    started: SystemTime,
+    output: &Path,
+) -> Result<()> {
+    let read = |path: &Path| -> Result<Value> {
+        serde_json::from_str(
+            &fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", path.display()))
+    };
+    let results = if passes.datapath {
+        read(results_path)?
+    } else {
+        Value::Null
+    };
+    let peers = if passes.http || passes.scale {
+        read(peers_path)?
+    } else {
+        Value::Null
+    };
+    let report = Report::new(&results, criterion_dir, started)
+        .with_peers(&peers)
+        .render();
+    if let Some(dir) = output.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(output, report).with_context(|| format!("writing {}", output.display()))?;
+    println!("wrote {}", output.display());
+    Ok(())
+}
+
+/// `cargo bench -p nodegate-tests --bench peers`: the `http` and `scale` passes.
+fn run_peers(
+    quick: bool,
+    passes: Passes,
+    tools: Option<&setup::BenchTools>,
+    gateway_bin: &Path,
+    peers_path: &Path,
+) -> Result<()> {
+    let mut bench = cmd::cargo();
+    bench
+        .args(["bench", "-p", "nodegate-tests", "--bench", "peers"])
+        .env(GATEWAY_BIN_ENV, gateway_bin)
+        .env("NODEGATE_BENCH_PASSES", passes.peers_env())
+        .env("NODEGATE_PEERS_OUT", peers_path);
+    if let Some(tools) = tools {
+        bench
+            .env("NODEGATE_BENCH_OHA", &tools.oha)
+            .env("NODEGATE_BENCH_ENVOY", &tools.envoy);
+    }
+    if quick {
+        bench.env("NODEGATE_BENCH_QUICK", "1");
+    }
+    cmd::run(&mut bench)
 }
 
 /// bpftool's attach types in the order a connection meets the programs.
@@ -145,6 +300,8 @@ fn estimate(criterion_dir: &Path, id: &str, started: SystemTime) -> Option<Estim
 
 struct Report<'a> {
     results: &'a Value,
+    /// `tests/benches/peers`' JSON (`http` and `scale` passes), or null.
+    peers: &'a Value,
     criterion_dir: &'a Path,
     started: SystemTime,
 }
@@ -153,15 +310,23 @@ impl<'a> Report<'a> {
     fn new(results: &'a Value, criterion_dir: &'a Path, started: SystemTime) -> Self {
         Self {
             results,
+            peers: &Value::Null,
             criterion_dir,
             started,
         }
+    }
+
+    fn with_peers(mut self, peers: &'a Value) -> Self {
+        self.peers = peers;
+        self
     }
 
     fn render(&self) -> String {
         let mut md = String::new();
         self.header(&mut md);
         self.summary(&mut md);
+        bench_peers::render_http(&mut md, self.peers);
+        bench_peers::render_scale(&mut md, self.peers);
         self.criterion_tables(&mut md);
         self.percentiles(&mut md);
         self.throughput(&mut md);
@@ -172,8 +337,15 @@ impl<'a> Report<'a> {
     }
 
     fn header(&self, md: &mut String) {
-        let env = &self.results["environment"];
-        let quick = if self.results["quick"].as_bool() == Some(true) {
+        // The datapath pass's environment, or the peers pass's when only that ran.
+        let env = if self.results["environment"].is_object() {
+            &self.results["environment"]
+        } else {
+            &self.peers["environment"]
+        };
+        let quick = if self.results["quick"].as_bool() == Some(true)
+            || self.peers["quick"].as_bool() == Some(true)
+        {
             " **Quick run (`--quick`): short measurements, for checking only.**"
         } else {
             ""
@@ -187,24 +359,32 @@ impl<'a> Report<'a> {
         );
         let _ = writeln!(
             md,
-            "Machine: {} ({} CPUs), kernel {}. Gateway: `{}` (release build). Everything below ran in \
-             one process on a simulated node (network namespaces and cgroup v2 on the real kernel, \
-             as in the end-to-end tests): the client in a pod's namespace, the backend in another \
-             pod, the gateway in the node's namespace, all on the same CPUs.\n",
+            "Machine: {} ({} CPUs), kernel {}. Gateway: `{}` (release build). Everything below ran \
+             on a simulated node (network namespaces and cgroup v2 on the real kernel, as in the \
+             end-to-end tests): the client in a pod's namespace, the backend in another pod, the \
+             gateway (and the proxies it is compared with) in the node's namespace.\n",
             str_of(&env["cpu"]),
             env["cpus"],
             str_of(&env["kernel"]),
             str_of(&env["gateway"]),
         );
-        let load = &self.results["load_average"];
-        let _ = writeln!(
-            md,
-            "1-minute load average: {:.2} at the start, {:.2} at the end (with {} CPUs, anything \
-             well above 0 means other work shared the machine and the figures are noisier).\n",
-            num(&load["start"]),
-            num(&load["end"]),
-            env["cpus"],
-        );
+        for (what, results) in [
+            ("kernel path and L4 proxy", self.results),
+            ("side by side and scale", self.peers),
+        ] {
+            let load = &results["load_average"];
+            if load.is_object() {
+                let _ = writeln!(
+                    md,
+                    "1-minute load average ({what}): {:.2} at the start, {:.2} at the end (with {} \
+                     CPUs, anything well above 0 means other work shared the machine and the \
+                     figures are noisier).\n",
+                    num(&load["start"]),
+                    num(&load["end"]),
+                    env["cpus"],
+                );
+            }
+        }
     }
 
     /// Average run time of the program with `attach_type` in `phase`, from the kernel stats.
@@ -225,7 +405,7 @@ impl<'a> Report<'a> {
 
     /// The figures the rest of the file backs, in a few lines.
     fn summary(&self, md: &mut String) {
-        let mut lines = Vec::new();
+        let mut lines = bench_peers::summary(self.peers);
         let connect4 = "cgroup_inet4_connect";
         if let (Some(hook), Some(with), Some(without)) = (
             self.bpf_avg("connect/hooks_unprotected", connect4),

@@ -7,6 +7,7 @@
 //! compiling on an older stable: few dependencies, no aya.
 
 mod bench;
+mod bench_peers;
 mod cmd;
 mod daemonset;
 mod demo;

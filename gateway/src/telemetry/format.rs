@@ -43,17 +43,13 @@ where
         let mut timestamp = String::with_capacity(32);
         SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
         let meta = event.metadata();
-        let mut line = String::with_capacity(512);
+        let mut line = String::with_capacity(1024);
         line.push('{');
-        push_member(&mut line, "timestamp", &Value::String(timestamp));
+        push_str_member(&mut line, "timestamp", &timestamp);
         line.push(',');
-        push_member(&mut line, "level", &Value::String(meta.level().to_string()));
+        push_str_member(&mut line, "level", meta.level().as_str());
         line.push(',');
-        push_member(
-            &mut line,
-            "target",
-            &Value::String(meta.target().to_owned()),
-        );
+        push_str_member(&mut line, "target", meta.target());
         let mut visitor = Members { line: &mut line };
         event.record(&mut visitor);
         line.push('}');
@@ -62,8 +58,43 @@ where
 }
 
 fn push_member(line: &mut String, key: &str, value: &Value) {
+    push_json_str(line, key);
     // Serializing a `Value` into a `String` cannot fail.
-    let _ = write!(line, "{}:{}", Value::String(key.to_owned()), value);
+    let _ = write!(line, ":{value}");
+}
+
+/// `"key":"value"`, both escaped as JSON strings.
+fn push_str_member(line: &mut String, key: &str, value: &str) {
+    push_json_str(line, key);
+    line.push(':');
+    push_json_str(line, value);
+}
+
+/// `s` as a JSON string, escaped exactly as `serde_json` escapes it (`"`, `\`, and control
+/// characters; everything else as is), without building a `Value` (an allocation per member
+/// per line otherwise).
+fn push_json_str(line: &mut String, s: &str) {
+    line.push('"');
+    let mut rest = s;
+    while let Some(i) = rest.find(|c: char| c == '"' || c == '\\' || c < ' ') {
+        line.push_str(&rest[..i]);
+        let c = rest[i..].chars().next().unwrap_or(' ');
+        match c {
+            '"' => line.push_str("\\\""),
+            '\\' => line.push_str("\\\\"),
+            '\n' => line.push_str("\\n"),
+            '\r' => line.push_str("\\r"),
+            '\t' => line.push_str("\\t"),
+            '\u{8}' => line.push_str("\\b"),
+            '\u{c}' => line.push_str("\\f"),
+            c => {
+                let _ = write!(line, "\\u{:04x}", u32::from(c));
+            }
+        }
+        rest = &rest[i + c.len_utf8()..];
+    }
+    line.push_str(rest);
+    line.push('"');
 }
 
 struct Members<'a> {
@@ -74,6 +105,11 @@ impl Members<'_> {
     fn push(&mut self, field: &Field, value: &Value) {
         self.line.push(',');
         push_member(self.line, field.name(), value);
+    }
+
+    fn push_str(&mut self, field: &Field, value: &str) {
+        self.line.push(',');
+        push_str_member(self.line, field.name(), value);
     }
 }
 
@@ -93,7 +129,7 @@ impl Visit for Members<'_> {
                 return;
             }
         }
-        self.push(field, &Value::String(value.to_owned()));
+        self.push_str(field, value);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
@@ -117,6 +153,28 @@ impl Visit for Members<'_> {
         if field.name() == "message" {
             return;
         }
-        self.push(field, &Value::String(format!("{value:?}")));
+        self.push_str(field, &format!("{value:?}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_does() {
+        for s in [
+            "",
+            "plain",
+            "quote \" and backslash \\",
+            "lines\nand\rtabs\t",
+            "\u{0}\u{1}\u{8}\u{c}\u{1f}\u{7f}",
+            "é ü 漢字 🦀",
+            "/a%2Fb?x=\"y\"",
+        ] {
+            let mut line = String::new();
+            push_json_str(&mut line, s);
+            assert_eq!(line, Value::String(s.to_owned()).to_string(), "{s:?}");
+        }
     }
 }

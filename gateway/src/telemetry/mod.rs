@@ -59,18 +59,19 @@ pub fn init_cli(default_directive: &str) -> Result<(), TelemetryError> {
 
 /// Human logs plus the decision log on stdout and, when set, `decisions_file`.
 pub fn init_daemon(decisions_file: Option<&Path>, metrics: &Metrics) -> Result<(), TelemetryError> {
-    let stdout = sink::SinkWriter::new("stdout", Box::new(io::stdout()), metrics);
-    let file = match decisions_file {
-        None => None,
-        Some(path) => {
-            let file = open_append(path)?;
-            Some(sink::SinkWriter::new("file", Box::new(file), metrics))
-        }
-    };
+    let mut sinks = vec![sink::SinkWriter::new(
+        "stdout",
+        Box::new(io::stdout()),
+        metrics,
+    )];
+    if let Some(path) = decisions_file {
+        let file = open_append(path)?;
+        sinks.push(sink::SinkWriter::new("file", Box::new(file), metrics));
+    }
+    // One layer for every sink: each line is formatted once (see `sink::Sinks`).
     tracing_subscriber::registry()
         .with(human_layer("info"))
-        .with(decision_layer(stdout))
-        .with(file.map(decision_layer))
+        .with(decision_layer(sink::Sinks::new(sinks)))
         .try_init()
         .map_err(TelemetryError::AlreadyInitialised)
 }

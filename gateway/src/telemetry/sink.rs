@@ -95,6 +95,40 @@ impl MakeWriter<'_> for SinkWriter {
     }
 }
 
+/// Every decision sink (stdout, the file) behind one writer: a line is formatted once and the
+/// same bytes go to each sink in turn, each with its own error accounting. (One fmt layer per
+/// sink formatted every line twice: about a tenth of the gateway's CPU per request under load
+/// went to the decision log, half of it to formatting.)
+#[derive(Clone)]
+pub(super) struct Sinks(Arc<[SinkWriter]>);
+
+impl Sinks {
+    pub(super) fn new(sinks: Vec<SinkWriter>) -> Self {
+        Self(sinks.into())
+    }
+}
+
+impl Write for Sinks {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for sink in self.0.iter() {
+            sink.0.write_line(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl MakeWriter<'_> for Sinks {
+    type Writer = Self;
+
+    fn make_writer(&self) -> Self::Writer {
+        self.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +143,35 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// Appends to a shared buffer.
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_sink_gets_each_line_and_counts_its_own_errors() {
+        let metrics = Metrics::new(None);
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut sinks = Sinks::new(vec![
+            SinkWriter::new("stdout", Box::new(Shared(out.clone())), &metrics),
+            SinkWriter::new("file", Box::new(Broken), &metrics),
+        ]);
+        sinks.write_all(b"{\"a\":1}\n").unwrap();
+        sinks.write_all(b"{\"b\":2}\n").unwrap();
+        assert_eq!(&*out.lock().unwrap(), b"{\"a\":1}\n{\"b\":2}\n");
+        assert_eq!(metrics.decision_log_errors("file").get(), 2);
+        assert_eq!(metrics.decision_log_errors("stdout").get(), 0);
     }
 
     #[test]

@@ -23,9 +23,11 @@ pub static NG_PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
 
 /// Service id → name and mode. Only userspace reads and writes it; it is part of the object
 /// so that it is created and pinned with the other maps and `gateway counters` can name the
-/// services of pinned counters after the daemon died.
+/// services of pinned counters after the daemon died. Sized for 10,000 services and then some
+/// (removed services keep their entry, marked removed); at 4096 a config with more services
+/// than that failed to load (`cargo xtask bench scale`).
 #[map]
-pub static NG_SERVICE_META: HashMap<u32, ServiceMeta> = HashMap::pinned(4096, 0);
+pub static NG_SERVICE_META: HashMap<u32, ServiceMeta> = HashMap::pinned(16384, 0);
 
 /// Program statistics, indexed by `STAT_*` (per CPU, summed by userspace).
 #[map]

@@ -321,6 +321,43 @@ impl Topo {
             }] }))
     }
 
+    /// The gateway with [`Self::gateway_config`]; with `tls`, the service also terminates TLS
+    /// with the bench certificate (the harness writes services without `tls:`: start, then
+    /// write the file with it and restart).
+    fn start_gateway(&self, tls: bool) -> Result<Gateway, String> {
+        let config = self.gateway_config();
+        let mut gateway = self
+            .node
+            .start_gateway(config.clone())
+            .map_err(|e| format!("gateway: {e}"))?;
+        if tls {
+            let tls = json!({ "cert_file": self.cert.cert, "key_file": self.cert.key });
+            let name = format!("name: {}", Value::from(SERVICE));
+            let yaml: String = config
+                .to_yaml()
+                .lines()
+                .map(|line| {
+                    if line.trim_start().starts_with(&format!("- {{ {name},")) {
+                        let body = line.trim_end().strip_suffix('}').unwrap_or(line);
+                        format!("{body}, tls: {tls} }}\n")
+                    } else {
+                        format!("{line}\n")
+                    }
+                })
+                .collect();
+            if !yaml.contains("tls:") {
+                return Err(format!("no service line for {SERVICE} in:\n{yaml}"));
+            }
+            gateway
+                .write_config_text(&yaml)
+                .map_err(|e| format!("gateway TLS config: {e}"))?;
+            gateway
+                .restart()
+                .map_err(|e| format!("gateway with TLS: {e}\n{}", gateway.stderr()))?;
+        }
+        Ok(gateway)
+    }
+
     /// Starts `target` pinned to [`PROXY_CPU`]; `None` when it cannot serve `proto`.
     fn start(&self, target: Target, proto: Proto) -> Result<Option<(Running, String)>, String> {
         let scheme = if proto.tls() { "https" } else { "http" };
@@ -336,14 +373,10 @@ impl Topo {
                 (Running::None, url(self.backend(port)))
             }
             Target::Gateway => {
-                if proto.tls() {
-                    return Ok(None);
-                }
                 let previous = procfs::pin_thread(&[PROXY_CPU]).map_err(|e| format!("pin: {e}"))?;
-                let started = self.node.start_gateway(self.gateway_config());
+                let started = self.start_gateway(proto.tls());
                 procfs::restore_affinity(&previous).map_err(|e| format!("unpin: {e}"))?;
-                let gateway = started.map_err(|e| format!("gateway: {e}"))?;
-                (Running::Gateway(Box::new(gateway)), url(self.vip))
+                (Running::Gateway(Box::new(started?)), url(self.vip))
             }
             Target::Envoy | Target::EnvoyCached => {
                 let yaml = peers::EnvoyJwt {
@@ -483,15 +516,38 @@ fn spawn_pinned(
         .map_err(|e| format!("start {}: {e}", program.display()))
 }
 
+/// `NODEGATE_PEERS_ONLY=gateway,http/1.1`: only these targets and protocols (for profiling
+/// one of them under load; the report then lacks the others).
+const ONLY_ENV: &str = "NODEGATE_PEERS_ONLY";
+
 fn http_pass(quick: bool) -> Result<Value, String> {
-    let plan = if quick { Plan::QUICK } else { Plan::FULL };
+    let mut plan = if quick { Plan::QUICK } else { Plan::FULL };
+    // `NODEGATE_PEERS_SECONDS`: a longer max-rate run (to profile under load).
+    if let Some(secs) = env::var("NODEGATE_PEERS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        plan.max_for = Duration::from_secs(secs);
+    }
+    let only = env::var(ONLY_ENV).unwrap_or_default();
+    let only: Vec<&str> = only.split(',').filter(|s| !s.is_empty()).collect();
+    let selected =
+        |name: &str, all: &[&str]| !only.iter().any(|o| all.contains(o)) || only.contains(&name);
+    let target_ids: Vec<&str> = TARGETS.iter().map(|t| t.id()).collect();
+    let proto_ids: Vec<&str> = PROTOS.iter().map(|p| p.as_str()).collect();
     let topo = Topo::new()?;
     let mut rows = Vec::new();
     for trial in 0..plan.trials {
         for proto in PROTOS {
+            if !selected(proto.as_str(), &proto_ids) {
+                continue;
+            }
             let mut order = TARGETS.to_vec();
             order.rotate_left(trial % TARGETS.len());
             for target in order {
+                if !selected(target.id(), &target_ids) {
+                    continue;
+                }
                 println!(
                     "http: trial {} {} {}",
                     trial + 1,

@@ -840,7 +840,26 @@ fn method(md: &mut String) {
          - criterion: estimates are of the time per iteration; medians are compared for the \
            ratios. The percentile pass measures each request on its own with `Instant`.\n\
          - Client, proxy and backend share the machine's CPUs: on a small machine the proxy's \
-           throughput ratio reflects CPU contention as much as per-request cost.\n"
+           throughput ratio reflects CPU contention as much as per-request cost.\n\
+         - Side by side (`cargo xtask bench http`, `tests/benches/peers/`): the gateway is the \
+           release build, started by the harness on the simulated node as in the end-to-end \
+           tests; the load generator runs in the client pod (hooked cgroup) and dials the \
+           service VIP, which the kernel redirects to the gateway, exactly as a pod would. nginx \
+           and Envoy run in the node's namespace (where the gateway runs) and the load generator \
+           dials their listen address on the node IP; all three forward to the same backend \
+           process (the gateway to its protected port, the others to an unprotected one, which \
+           is the same nginx server block). So every proxied request crosses the same veth pairs \
+           twice. CPU s / 1000 requests is the proxy process's `utime + stime` (all threads, \
+           `/proc/PID/stat`) over the run divided by the requests the load generator counted; \
+           RSS is `VmRSS`. On this virtual machine a wake-up from idle is expensive, so at 1000 \
+           req/s every proxy spends several times more CPU per request than at full load; both \
+           are reported.\n\
+         - The gateway writes one decision line per request (stdout and a file), Envoy and nginx \
+           no access log: the gateway's figures include that cost.\n\
+         - To profile one proxy under load: `NODEGATE_PEERS_ONLY=gateway,http/1.1 \
+           NODEGATE_PEERS_SECONDS=30 cargo xtask bench http --quick` and, meanwhile, \
+           `perf record -g -p <gateway pid>` (a build with `CARGO_PROFILE_RELEASE_DEBUG=1` and \
+           `--call-graph dwarf` gives whole stacks).\n"
     );
 }
 

@@ -35,12 +35,23 @@ pub struct Args {
     /// Only write the report again from the last run's JSON (target/nodegate-bench/).
     #[arg(long)]
     report_only: bool,
-    /// Which passes, first: `datapath` (kernel path and L4 proxy, criterion; plus the policy
-    /// and token benches), `http` (side by side with Envoy and nginx), `scale` (kernel cost
-    /// with 10 to 10,000 services), or `all` (default). Anything after is passed on to the
-    /// datapath bench binary (criterion's options, e.g. a name filter).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    /// Which passes: `datapath` (kernel path and L4 proxy, criterion; plus the policy and
+    /// token benches), `http` (side by side with Envoy and nginx), `scale` (kernel cost with
+    /// 10 to 10,000 services), `all` (the default). Options may come before or after.
+    #[arg(value_enum)]
+    passes: Vec<Pass>,
+    /// After `--`: passed on to the datapath bench binary (criterion's options, e.g. a name
+    /// filter).
+    #[arg(last = true)]
     criterion: Vec<OsString>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Pass {
+    All,
+    Datapath,
+    Http,
+    Scale,
 }
 
 /// The passes of a run.
@@ -58,25 +69,16 @@ impl Passes {
         scale: true,
     };
 
-    /// Leading pass names of `args` (`datapath`, `http`, `scale`, `all`; default all) and the
-    /// rest, for criterion.
-    fn split(args: &[OsString]) -> (Self, &[OsString]) {
-        let mut passes = Self::default();
-        let mut used = 0;
-        for arg in args {
-            match arg.to_str() {
-                Some("all") => passes = Self::ALL,
-                Some("datapath") => passes.datapath = true,
-                Some("http") => passes.http = true,
-                Some("scale") => passes.scale = true,
-                _ => break,
-            }
-            used += 1;
+    /// The passes named (none named: all of them).
+    fn of(named: &[Pass]) -> Self {
+        if named.is_empty() || named.contains(&Pass::All) {
+            return Self::ALL;
         }
-        if used == 0 {
-            passes = Self::ALL;
+        Self {
+            datapath: named.contains(&Pass::Datapath),
+            http: named.contains(&Pass::Http),
+            scale: named.contains(&Pass::Scale),
         }
-        (passes, &args[used..])
     }
 
     fn all(self) -> bool {
@@ -96,7 +98,8 @@ impl Passes {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let (passes, criterion_args) = Passes::split(&args.criterion);
+    let passes = Passes::of(&args.passes);
+    let criterion_args = args.criterion.as_slice();
     let mut steps = Steps::default();
     if args.report_only {
         let out_dir = cmd::target_dir().join("nodegate-bench");

@@ -91,6 +91,18 @@ fn main() -> ExitCode {
         "started_unix": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         "environment": environment(),
     });
+    // Written after each pass, so that a later pass failing keeps the earlier results.
+    let write = |results: &Value| -> Result<(), String> {
+        if let Some(dir) = out.parent() {
+            let _ = fs::create_dir_all(dir);
+        }
+        fs::write(
+            &out,
+            serde_json::to_string_pretty(results).unwrap_or_default(),
+        )
+        .map_err(|e| format!("writing {}: {e}", out.display()))
+    };
+    let mut failed = false;
     for pass in passes.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let outcome = match pass {
             "http" => http_pass(quick),
@@ -101,26 +113,21 @@ fn main() -> ExitCode {
             Ok(value) => results[pass] = value,
             Err(e) => {
                 eprintln!("bench: the {pass} pass failed: {e}");
-                return ExitCode::FAILURE;
+                results[pass] = json!({ "error": e });
+                failed = true;
             }
         }
-    }
-    results["load_average"] = json!({ "start": load_start, "end": procfs::load_average() });
-    if let Some(dir) = out.parent() {
-        let _ = fs::create_dir_all(dir);
-    }
-    match fs::write(
-        &out,
-        serde_json::to_string_pretty(&results).unwrap_or_default(),
-    ) {
-        Ok(()) => {
-            println!("bench: results written to {}", out.display());
-            ExitCode::SUCCESS
+        results["load_average"] = json!({ "start": load_start, "end": procfs::load_average() });
+        if let Err(e) = write(&results) {
+            eprintln!("bench: {e}");
+            return ExitCode::FAILURE;
         }
-        Err(e) => {
-            eprintln!("bench: writing {}: {e}", out.display());
-            ExitCode::FAILURE
-        }
+    }
+    println!("bench: results written to {}", out.display());
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

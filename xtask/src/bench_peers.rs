@@ -254,8 +254,8 @@ pub fn render_http(md: &mut String, peers: &Value) {
          generator to CPU {} with one thread, and the nginx `return 200` backend (one process) \
          also to CPU {}, so that CPU {} is the proxy's alone. {} trial(s); each trial runs every \
          target in a rotated order, each proxy freshly started. Per target: a {} s warm-up, then \
-         max rate for {} s with {} connections (wrk for HTTP/1.1, h2load with 10 streams per \
-         connection for h2), then oha at a fixed {} req/s on {} connections with \
+         max rate for {} s with {} connections (wrk for HTTP/1.1, h2load for h2: the same number of \
+         streams in flight, 4 per connection), then oha at a fixed {} req/s on {} connections with \
          `--latency-correction` for {} s (h2c and TLS: {} s each), then {} idle keep-alive \
          connections (one request each) for the RSS. Every request carries the same bearer \
          token; only the gateway and Envoy check it. Any non-2xx answer fails the run.\n",

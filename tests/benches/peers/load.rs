@@ -83,16 +83,13 @@ impl Load<'_> {
         let secs = duration.as_secs().max(1).to_string();
         if self.proto.h2() {
             let mut cmd = pinned(&tools.h2load);
-            cmd.args([
-                "-t",
-                "1",
-                "-c",
-                &connections.to_string(),
-                "-m",
-                "10",
-                "-D",
-                &secs,
-            ]);
+            // The same number of requests in flight as over HTTP/1.1 (`connections`), as
+            // H2_STREAMS streams on each of connections / H2_STREAMS connections: more would
+            // mostly measure how each proxy's upstream pool copes with a burst it cannot keep
+            // (nginx `keepalive 64` and the gateway's 64 idle connections per endpoint then
+            // open and close upstream connections per request).
+            let h2_connections = (connections / H2_STREAMS).max(1);
+            cmd_args_h2(&mut cmd, h2_connections, &secs);
             for h in &self.headers {
                 cmd.args(["-H", h]);
             }
@@ -148,6 +145,23 @@ impl Load<'_> {
         let out = self.run(cmd, duration)?;
         parse_oha(&out)
     }
+}
+
+/// Streams per h2 connection at max rate.
+pub const H2_STREAMS: u32 = 4;
+
+fn cmd_args_h2(cmd: &mut Command, connections: u32, secs: &str) {
+    let streams = H2_STREAMS.to_string();
+    cmd.args([
+        "-t",
+        "1",
+        "-c",
+        &connections.to_string(),
+        "-m",
+        &streams,
+        "-D",
+        secs,
+    ]);
 }
 
 pub struct Tools {

@@ -85,22 +85,18 @@ impl Readiness {
 
     /// What is missing for readiness (empty: ready).
     pub fn missing(&self) -> Vec<String> {
+        let synced = match lock(&self.sync_wait).as_ref() {
+            Some(why) => format!("maps not synced ({why})"),
+            None => "maps not synced".to_owned(),
+        };
         let mut out: Vec<String> = [
-            (&self.attached, "programs not attached"),
-            (&self.synced, "maps not synced"),
-            (&self.listening, "proxy not listening"),
+            (&self.attached, "programs not attached".to_owned()),
+            (&self.synced, synced),
+            (&self.listening, "proxy not listening".to_owned()),
         ]
         .into_iter()
         .filter(|(flag, _)| !flag.load(Ordering::Acquire))
-        .map(|(flag, what)| {
-            match (
-                std::ptr::eq(flag, &raw const self.synced),
-                lock(&self.sync_wait).as_ref(),
-            ) {
-                (true, Some(why)) => format!("{what} ({why})"),
-                _ => what.to_owned(),
-            }
-        })
+        .map(|(_, what)| what)
         .collect();
         if let Some(SourceReadiness { error: Some(e), .. }) = lock(&self.source).as_ref() {
             out.push(format!("kubernetes source: {e}"));

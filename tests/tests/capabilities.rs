@@ -22,15 +22,12 @@ const DAEMONSET_CAPS: [&str; 4] = ["bpf", "net_admin", "perfmon", "sys_resource"
 fn manifest_caps() -> Vec<String> {
     let path = nodegate_tests::harness::workspace_dir().join("daemonset/daemonset.yaml");
     let text = std::fs::read_to_string(&path).expect("daemonset.yaml");
-    let line = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("add: ["))
-        .expect("a capabilities add: line");
-    line.trim()
-        .trim_start_matches("add: [")
-        .trim_end_matches(']')
-        .split(',')
-        .map(|c| c.trim().to_ascii_lowercase())
+    let ds: serde_yaml::Value = serde_yaml::from_str(&text).expect("daemonset.yaml parses");
+    ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+        .as_sequence()
+        .expect("securityContext.capabilities.add")
+        .iter()
+        .map(|c| c.as_str().expect("a capability name").to_ascii_lowercase())
         .collect()
 }
 

@@ -400,7 +400,7 @@ type PerWatcher = (
     &'static str,
     &'static str,
     MetricType,
-    fn(&WatcherHealth) -> i64,
+    fn(&WatcherHealth) -> u64,
 );
 
 /// The Kubernetes source's health at scrape time.
@@ -446,19 +446,19 @@ impl Collector for SourceCollector {
                 "nodegate_kubernetes_watcher_synced",
                 "1 when the watcher has listed at least once and is not failing",
                 MetricType::Gauge,
-                |w| i64::from(w.synced && w.error.is_none()),
+                |w| u64::from(w.synced && w.error.is_none()),
             ),
             (
                 "nodegate_kubernetes_watcher_consecutive_failures",
                 "Failures of the watcher since its last successful list",
                 MetricType::Gauge,
-                |w| i64::try_from(w.failures).unwrap_or(i64::MAX),
+                |w| w.failures,
             ),
             (
                 "nodegate_kubernetes_watcher_relists",
                 "Re-lists forced by 410 Gone (resource version too old)",
                 MetricType::Counter,
-                |w| i64::try_from(w.relists).unwrap_or(i64::MAX),
+                |w| w.relists,
             ),
         ];
         for (name, help, kind, value) in families {
@@ -470,9 +470,10 @@ impl Collector for SourceCollector {
                 };
                 let v = value(w);
                 if counter {
-                    ConstCounter::new(v.unsigned_abs()).encode(metric.encode_family(&labels)?)?;
+                    ConstCounter::new(v).encode(metric.encode_family(&labels)?)?;
                 } else {
-                    ConstGauge::new(v).encode(metric.encode_family(&labels)?)?;
+                    ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
+                        .encode(metric.encode_family(&labels)?)?;
                 }
             }
         }
@@ -625,6 +626,46 @@ mod tests {
     impl Collector for Fixed {
         fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
             encode_counters(&self.0, &mut encoder)
+        }
+    }
+
+    #[test]
+    fn kubernetes_source_health_is_exposed_per_watcher() {
+        let m = Metrics::new(None);
+        assert!(
+            !m.encode().unwrap().contains("nodegate_kubernetes_ready"),
+            "no source, no source series"
+        );
+        let watcher = |resource, error: Option<&str>, failures, relists| WatcherHealth {
+            resource,
+            synced: true,
+            last_sync: None,
+            error: error.map(Into::into),
+            error_since: None,
+            failures,
+            relists,
+        };
+        m.kubernetes_health(&Health {
+            watchers: vec![
+                watcher("services", None, 0, 2),
+                watcher("pods", Some("connection refused"), 3, 0),
+            ],
+            last_sync: None,
+            revision: 7,
+            status_error: None,
+        });
+        m.kubernetes_applied(true);
+        let text = m.encode().unwrap();
+        for want in [
+            "nodegate_kubernetes_ready 0",
+            "nodegate_kubernetes_snapshot_revision 7",
+            "nodegate_kubernetes_watcher_synced{resource=\"services\"} 1",
+            "nodegate_kubernetes_watcher_synced{resource=\"pods\"} 0",
+            "nodegate_kubernetes_watcher_consecutive_failures{resource=\"pods\"} 3",
+            "nodegate_kubernetes_watcher_relists_total{resource=\"services\"} 2",
+            "nodegate_kubernetes_snapshots_applied_total{result=\"ok\"} 1",
+        ] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
         }
     }
 }

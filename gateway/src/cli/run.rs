@@ -48,6 +48,8 @@ const RELOAD_POLL: Duration = Duration::from_secs(1);
 const KEY_REFRESH_TICK: Duration = Duration::from_secs(10);
 
 pub(super) fn run(path: Option<&Path>, overrides: &Overrides) -> Result<(), CliError> {
+    // Dropped last, on every return: the decision lines still pending are written.
+    let _flush = telemetry::FlushDecisionLogOnDrop;
     let (config, metrics) = load_config(path, overrides)?;
 
     // The assertion key lives as long as the process; backends fetch its JWKS from the admin port.

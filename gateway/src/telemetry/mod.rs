@@ -1,6 +1,11 @@
 //! Logs and metrics. Human logs go to stderr (`RUST_LOG`, default `info`); the decision log
 //! is its own tracing target, [`DECISION_TARGET`], written as flattened JSON lines to stdout
 //! and optionally appended to a file. A failing sink is counted and reported on stderr.
+//!
+//! The decision log is written off the request path (see `sink`): a line is appended to a
+//! buffer that a flusher thread writes to the sinks within ~10 ms, in batches. A SIGKILL can
+//! lose at most that window; a graceful exit loses nothing, as `gateway run` calls
+//! [`flush_decision_log`] before it returns (and the panic hook does, briefly).
 
 pub mod bypass;
 pub mod decision;
@@ -11,6 +16,8 @@ mod sink;
 use std::{
     io::{self, IsTerminal as _},
     path::{Path, PathBuf},
+    sync::OnceLock,
+    time::Duration,
 };
 
 use tracing::Subscriber;
@@ -45,9 +52,18 @@ pub enum TelemetryError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot start the decision log's flusher thread")]
+    Flusher(#[source] io::Error),
     #[error("a tracing subscriber is already installed")]
     AlreadyInitialised(#[source] tracing_subscriber::util::TryInitError),
 }
+
+/// The daemon's decision log, for [`flush_decision_log`].
+static DECISION_LOG: OnceLock<sink::DecisionLog> = OnceLock::new();
+
+/// How long the panic hook waits for the decision log: a panicking thread should not hang on
+/// a stuck sink.
+const PANIC_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Human logs only, for the short-lived CLI commands.
 pub fn init_cli(default_directive: &str) -> Result<(), TelemetryError> {
@@ -59,21 +75,53 @@ pub fn init_cli(default_directive: &str) -> Result<(), TelemetryError> {
 
 /// Human logs plus the decision log on stdout and, when set, `decisions_file`.
 pub fn init_daemon(decisions_file: Option<&Path>, metrics: &Metrics) -> Result<(), TelemetryError> {
-    let mut sinks = vec![sink::SinkWriter::new(
-        "stdout",
-        Box::new(io::stdout()),
-        metrics,
-    )];
+    let mut sinks = vec![sink::Sink::new("stdout", Box::new(io::stdout()), metrics)];
     if let Some(path) = decisions_file {
         let file = open_append(path)?;
-        sinks.push(sink::SinkWriter::new("file", Box::new(file), metrics));
+        sinks.push(sink::Sink::new("file", Box::new(file), metrics));
     }
-    // One layer for every sink: each line is formatted once (see `sink::Sinks`).
+    let log =
+        sink::DecisionLog::start(sinks, sink::Limits::DAEMON).map_err(TelemetryError::Flusher)?;
+    // One layer for every sink: each line is formatted once, and the same bytes go to each.
     tracing_subscriber::registry()
         .with(human_layer("info"))
-        .with(decision_layer(sink::Sinks::new(sinks)))
+        .with(decision_layer(log.clone()))
         .try_init()
-        .map_err(TelemetryError::AlreadyInitialised)
+        .map_err(TelemetryError::AlreadyInitialised)?;
+    if DECISION_LOG.set(log).is_ok() {
+        // A panic that ends the process must not take the pending lines with it. Bounded: a
+        // stuck sink must not hang the panicking thread. (Nothing panics while holding the
+        // log's mutex, so the flush cannot wait for the panicking thread itself.)
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            previous(info);
+            if let Some(log) = DECISION_LOG.get() {
+                log.flush(Some(PANIC_FLUSH_TIMEOUT));
+            }
+        }));
+    }
+    Ok(())
+}
+
+/// Writes every decision line logged so far to the sinks and flushes them; returns when they
+/// are written (at once when nothing is pending, or when [`init_daemon`] never ran). Lines
+/// logged meanwhile by other threads may or may not be included. Call it before the process
+/// exits: the flusher thread would not get to them.
+pub fn flush_decision_log() {
+    if let Some(log) = DECISION_LOG.get() {
+        log.flush(None);
+    }
+}
+
+/// Calls [`flush_decision_log`] when dropped: `gateway run` holds one, so that every way out
+/// of it (a drain after SIGTERM/SIGINT, an error) writes what is pending.
+#[must_use = "it flushes when dropped"]
+pub struct FlushDecisionLogOnDrop;
+
+impl Drop for FlushDecisionLogOnDrop {
+    fn drop(&mut self) {
+        flush_decision_log();
+    }
 }
 
 fn open_append(path: &Path) -> Result<std::fs::File, TelemetryError> {

@@ -99,8 +99,9 @@ pub(super) async fn handle(
             Detected::Http1 => Protocol::Http1,
             Detected::Http2 => Protocol::Http2,
             Detected::Tls if route.service.http.as_ref().is_some_and(|h| h.tls.is_some()) => {
-                // The gateway holds this service's certificate: terminate, then HTTP.
-                return tls::serve(
+                // The gateway holds this service's certificate: terminate, then HTTP. Boxed, as
+                // the L4 path: see `the_connection_task_stays_small`.
+                return Box::pin(tls::serve(
                     client,
                     orig,
                     &shared,
@@ -109,7 +110,7 @@ pub(super) async fn handle(
                     line,
                     started,
                     (draining, abort),
-                )
+                ))
                 .await;
             }
             Detected::Tls => {
@@ -133,6 +134,9 @@ pub(super) async fn handle(
             line.duration = started.elapsed();
             line.emit(&shared.metrics);
         }
+        // Requests have lines of their own and read the live table: neither is kept (idle).
+        drop(line);
+        drop(routes);
         http::serve(
             client,
             peer,
@@ -149,50 +153,54 @@ pub(super) async fn handle(
     forward_l4(client, &shared, &routes, route, line, started, abort).await;
 }
 
-/// The L4 path: the service's source rule, then bytes copied both ways.
-async fn forward_l4(
+/// The L4 path: the service's source rule, then bytes copied both ways. Boxed: its future
+/// (~1.7 KB) would otherwise size the task of every connection (see
+/// `the_connection_task_stays_small`).
+fn forward_l4<'a>(
     client: TcpStream,
-    shared: &Shared,
-    routes: &super::Routes,
-    route: &super::routes::Route,
-    mut line: ConnectionLine<'_>,
+    shared: &'a Shared,
+    routes: &'a super::Routes,
+    route: &'a super::routes::Route,
+    mut line: ConnectionLine<'a>,
     started: Instant,
     abort: watch::Receiver<bool>,
-) {
-    let peer = line.src;
-    let (decision, reason) = decide(&route.service.rule, route.service.mode, peer.ip());
-    line.decision = decision;
-    line.reason = reason;
-    if decision == Decision::Deny {
-        refuse(&client);
-        line.duration = started.elapsed();
-        line.emit(&shared.metrics);
-        return;
-    }
-
-    let upstream =
-        upstream::connect(&route.candidates(), shared.mark, routes.connect_timeout).await;
-    let (server, addr) = match upstream {
-        Ok(connected) => connected,
-        Err(last_tried) => {
-            line.decision = Decision::Deny;
-            line.reason = Reason::UpstreamUnavailable;
-            line.upstream = last_tried;
+) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    Box::pin(async move {
+        let peer = line.src;
+        let (decision, reason) = decide(&route.service.rule, route.service.mode, peer.ip());
+        line.decision = decision;
+        line.reason = reason;
+        if decision == Decision::Deny {
             refuse(&client);
             line.duration = started.elapsed();
             line.emit(&shared.metrics);
             return;
         }
-    };
-    line.upstream = Some(addr);
-    let transferred = forward::bidirectional(client, server, abort).await;
-    line.bytes_up = transferred.up;
-    line.bytes_down = transferred.down;
-    if let Some(err) = &transferred.error {
-        tracing::debug!(%peer, upstream = %addr, error = %err, "connection ended with an error");
-    }
-    line.duration = started.elapsed();
-    line.emit(&shared.metrics);
+
+        let upstream =
+            upstream::connect(&route.candidates(), shared.mark, routes.connect_timeout).await;
+        let (server, addr) = match upstream {
+            Ok(connected) => connected,
+            Err(last_tried) => {
+                line.decision = Decision::Deny;
+                line.reason = Reason::UpstreamUnavailable;
+                line.upstream = last_tried;
+                refuse(&client);
+                line.duration = started.elapsed();
+                line.emit(&shared.metrics);
+                return;
+            }
+        };
+        line.upstream = Some(addr);
+        let transferred = forward::bidirectional(client, server, abort).await;
+        line.bytes_up = transferred.up;
+        line.bytes_down = transferred.down;
+        if let Some(err) = &transferred.error {
+            tracing::debug!(%peer, upstream = %addr, error = %err, "connection ended with an error");
+        }
+        line.duration = started.elapsed();
+        line.emit(&shared.metrics);
+    })
 }
 
 /// Close with a reset: the client learns at once that it was refused, and no `TIME_WAIT`
@@ -200,5 +208,24 @@ async fn forward_l4(
 fn refuse(client: &TcpStream) {
     if let Err(err) = client.set_zero_linger() {
         tracing::debug!(error = %err, "SO_LINGER on a refused connection");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of `F`, the future of an async fn taking `A..E`.
+    fn future_size<A, B, C, D, E, F: Future>(_: &impl Fn(A, B, C, D, E) -> F) -> usize {
+        size_of::<F>()
+    }
+
+    /// Every connection's task is as large as the largest state of [`handle`], for as long as
+    /// the connection lives (an idle keep-alive one too): the TLS handshake, the L4 path and
+    /// hyper's connection are boxed, so that they do not size it.
+    #[test]
+    fn the_connection_task_stays_small() {
+        let size = future_size(&handle);
+        assert!(size <= 2048, "conn::handle's future is {size} bytes");
     }
 }

@@ -16,6 +16,7 @@ pub mod assertion;
 pub mod authn;
 pub mod framing;
 pub mod headers;
+mod idle;
 mod io;
 pub mod login;
 pub mod response;
@@ -43,6 +44,7 @@ use tokio::{
     sync::{Notify, watch},
 };
 
+pub(in crate::proxy) use self::idle::IdleStream;
 pub use self::{
     assertion::AssertionSigner,
     authn::{LoginFlow, SharedAuth},
@@ -55,6 +57,7 @@ use self::{
     headers::{
         X_NODEGATE_ASSERTION, X_NODEGATE_EMAIL, X_NODEGATE_GROUPS, X_NODEGATE_USER, X_REQUEST_ID,
     },
+    idle::{Idle, IdleIo, IdleTimer, Rewind},
     response::{ProxyBody, Refusal, accepts_html, refusal},
 };
 use super::{OrigDst, Shared, routes::Route, tls::TlsConn};
@@ -176,7 +179,7 @@ pub(super) async fn serve<S>(
     mut draining: watch::Receiver<bool>,
     mut abort: watch::Receiver<bool>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: IdleStream,
 {
     let conn = Arc::new(Conn {
         shared,
@@ -207,10 +210,12 @@ pub(super) async fn serve<S>(
     };
     match protocol {
         Protocol::Http2 => {
-            let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(served);
+            // Boxed: h2's connection state would otherwise size every connection's task.
+            let mut served = Box::pin(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .serve_connection(TokioIo::new(stream), service),
+            );
             tokio::select! {
                 res = served.as_mut() => log_conn_error(res.err(), &conn),
                 () = aborted => {
@@ -223,38 +228,128 @@ pub(super) async fn serve<S>(
     }
 }
 
+/// An HTTP/1.1 connection: hyper serves it while it is busy; once it has waited
+/// [`idle::RELEASE_AFTER`] for its next request, hyper's connection (and its buffers) is
+/// dropped and the socket alone waits for the next bytes (see [`idle`]).
 async fn serve_http1<IO, S>(
     stream: IO,
     conn: Arc<Conn>,
     service: S,
     aborted: impl Future<Output = ()>,
 ) where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    IO: IdleStream,
     S: hyper::service::Service<
             Request<Incoming>,
             Response = Response<ProxyBody>,
             Error = std::convert::Infallible,
-        >,
+        > + Clone
+        + Unpin,
     S::Future: Send + 'static,
 {
-    // Taken back once hyper is dropped, to answer a refused request.
+    tokio::pin!(aborted);
+    let mut stream = Rewind::new(stream);
+    // The header read deadline carried over to the next hyper connection.
+    let mut deadline = None;
+    loop {
+        // Boxed: its state is the connection's only while hyper serves it.
+        let round = Box::pin(serve_hyper(
+            stream,
+            &conn,
+            service.clone(),
+            aborted.as_mut(),
+            deadline,
+        ));
+        let (released, since) = match round.await {
+            Round::Closed => return,
+            Round::Idle(stream, since) => (stream, since),
+        };
+        stream = released;
+        let head_deadline = since + HEADER_READ_TIMEOUT;
+        if !stream.has_prefix() {
+            enum Woken {
+                Readable(std::io::Result<()>),
+                Stopped,
+                TimedOut,
+            }
+            let woken = {
+                let readable = std::future::poll_fn(|cx| stream.get_ref().poll_readable(cx));
+                tokio::select! {
+                    biased;
+                    res = readable => Woken::Readable(res),
+                    () = aborted.as_mut() => Woken::Stopped,
+                    () = tokio::time::sleep_until(head_deadline) => Woken::TimedOut,
+                }
+            };
+            match woken {
+                Woken::Readable(Ok(())) => {}
+                Woken::Readable(Err(err)) => {
+                    tracing::debug!(peer = %conn.peer, error = %err, "http connection ended with an error");
+                    return;
+                }
+                // Draining: an idle connection is closed at once, as hyper closes its own.
+                Woken::Stopped => {
+                    let _ = stream.shutdown().await;
+                    return;
+                }
+                // As hyper's header read timeout: the connection is dropped.
+                Woken::TimedOut => {
+                    tracing::debug!(peer = %conn.peer, "http connection ended with an error: read header from client timeout");
+                    return;
+                }
+            }
+        }
+        deadline = Some(head_deadline);
+    }
+}
+
+/// How one hyper connection of an HTTP/1.1 connection ended.
+enum Round<IO> {
+    Closed,
+    /// Released while idle: the stream, and since when it has waited for the next request.
+    Idle(Rewind<IO>, tokio::time::Instant),
+}
+
+/// One hyper connection on `stream`, until the connection ends or is idle long enough to be
+/// released. `deadline`: the header read deadline of its first request head.
+async fn serve_hyper<IO, S>(
+    stream: Rewind<IO>,
+    conn: &Conn,
+    service: S,
+    mut aborted: std::pin::Pin<&mut impl Future<Output = ()>>,
+    deadline: Option<tokio::time::Instant>,
+) -> Round<IO>
+where
+    IO: IdleStream,
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<ProxyBody>,
+            Error = std::convert::Infallible,
+        > + Unpin,
+    S::Future: Send + 'static,
+{
+    let idle = Arc::new(Idle::new(deadline));
+    // Taken back once hyper is dropped, to answer a refused request or to wait idle.
     let (stream, handle) = io::SharedIo::new(stream);
     let slot = Arc::new(RefusedSlot::default());
     let guard = FramingGuard::new(stream, slot.clone());
-    let served = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(guard), service)
-        .with_upgrades();
-    let mut served = Box::pin(served);
-    tokio::pin!(aborted);
+    // Boxed: hyper's connection state (~4.5 KB) is not part of the connection's task, which
+    // outlives it while the connection is idle.
+    let mut served = Box::new(
+        hyper::server::conn::http1::Builder::new()
+            .timer(IdleTimer(idle.clone()))
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(IdleIo::new(guard, idle.clone())), service)
+            .with_upgrades(),
+    );
+    let mut released = std::pin::pin!(idle.released(&conn.in_flight));
     let result = tokio::select! {
-        res = served.as_mut() => res.err(),
+        biased;
+        res = &mut *served => res.err(),
         () = slot.notify.notified() => {
             // Let the responses already under way finish; hyper reads no further (it would
             // wait forever for the rest of the refused head, so it is dropped once idle).
-            served.as_mut().graceful_shutdown();
+            std::pin::Pin::new(&mut *served).graceful_shutdown();
             let in_flight = conn.in_flight.clone();
             let idle = async move {
                 while in_flight.load(Ordering::Acquire) > 0 {
@@ -264,13 +359,32 @@ async fn serve_http1<IO, S>(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             };
             tokio::select! {
-                res = served.as_mut() => res.err(),
+                res = &mut *served => res.err(),
                 _ = tokio::time::timeout(CLOSE_GRACE, idle) => None,
             }
         }
-        () = &mut aborted => {
-            served.as_mut().graceful_shutdown();
-            tokio::time::timeout(CLOSE_GRACE, served.as_mut()).await.ok().and_then(Result::err)
+        () = aborted.as_mut() => {
+            std::pin::Pin::new(&mut *served).graceful_shutdown();
+            tokio::time::timeout(CLOSE_GRACE, &mut *served).await.ok().and_then(Result::err)
+        }
+        since = &mut released, if IO::RELEASE_IDLE => {
+            // hyper closes an idle connection at once, writing nothing; the stream is kept.
+            idle.release();
+            std::pin::Pin::new(&mut *served).graceful_shutdown();
+            match (&mut *served).await {
+                Ok(()) => {
+                    if let Some(parts) = served.into_parts() {
+                        let hyper::server::conn::http1::Parts { io, read_buf, .. } = parts;
+                        drop(io);
+                        if let Some(mut stream) = io::reclaim(handle) {
+                            stream.rewind(read_buf);
+                            return Round::Idle(stream, since);
+                        }
+                    }
+                    return Round::Closed;
+                }
+                Err(err) => Some(err),
+            }
         }
     };
     // hyper lets go of the stream.
@@ -279,11 +393,12 @@ async fn serve_http1<IO, S>(
     match refused {
         Some(refused) => {
             if let Some(stream) = io::reclaim(handle) {
-                answer_refused(stream, &conn, refused).await;
+                answer_refused(stream, conn, refused).await;
             }
         }
-        None => log_conn_error(result, &conn),
+        None => log_conn_error(result, conn),
     }
+    Round::Closed
 }
 
 /// The refused request reported by the [`FramingGuard`], and a wake-up for the handler.

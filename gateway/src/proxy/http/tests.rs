@@ -1040,6 +1040,14 @@ async fn draining_closes_idle_keep_alive_connections_at_once() {
     let p = Proxy::start(&cfg).await;
     let mut c = p.h1().await;
     assert_eq!(send(&mut c, get("/public/x")).await.0, 200);
+    drain_closes_at_once(p, c).await;
+}
+
+/// The proxy drains; the idle connection `c` is closed at once.
+async fn drain_closes_at_once(
+    p: Proxy,
+    mut c: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+) {
     let started = tokio::time::Instant::now();
     p.shutdown.send(true).unwrap();
     let served = tokio::time::timeout(TIMEOUT, p.task)
@@ -1061,4 +1069,68 @@ async fn draining_closes_idle_keep_alive_connections_at_once() {
             .is_err(),
     };
     assert!(closed, "the idle connection is still open");
+}
+
+/// A keep-alive connection idle for `idle::RELEASE_AFTER` is released from hyper (its
+/// buffers dropped) and served by a new hyper connection when the next bytes come: keep-alive
+/// holds, the start of a pipelined request that hyper had read is not lost, a refused framing is
+/// still answered, and draining closes a released connection at once.
+#[tokio::test]
+async fn idle_keep_alive_connections_are_released_and_served_again() {
+    let cfg = config(backend().await, "");
+    let p = Proxy::start(&cfg).await;
+    let pause = idle::RELEASE_AFTER * 3;
+    let mut s = p.tcp().await;
+    // A request and the start of the next: hyper answers the first, then waits for the rest.
+    s.write_all(b"GET /public/a HTTP/1.1\r\nHost: web\r\n\r\nGET /public/b HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let reply = read_response(&mut s).await;
+    assert!(
+        reply.starts_with("HTTP/1.1 200") && reply.contains("/public/a"),
+        "{reply}"
+    );
+    tokio::time::sleep(pause).await;
+    s.write_all(b"st: web\r\n\r\n").await.unwrap();
+    let reply = read_response(&mut s).await;
+    assert!(
+        reply.starts_with("HTTP/1.1 200") && reply.contains("/public/b"),
+        "{reply}"
+    );
+    assert!(
+        !reply.to_ascii_lowercase().contains("connection: close"),
+        "{reply}"
+    );
+    for path in ["/public/c", "/public/d"] {
+        tokio::time::sleep(pause).await;
+        let raw = format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n");
+        s.write_all(raw.as_bytes()).await.unwrap();
+        let reply = read_response(&mut s).await;
+        assert!(
+            reply.starts_with("HTTP/1.1 200") && reply.contains(path),
+            "{reply}"
+        );
+    }
+    tokio::time::sleep(pause).await;
+    s.write_all(b"GET /public/e HTTP/1.1\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT, s.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 400") && reply.contains("framing_bare_lf"),
+        "{reply}"
+    );
+    let lines = p.requests(5).await;
+    assert!(
+        lines.iter().all(|l| l["src"] == lines[0]["src"]),
+        "one connection: {lines:?}"
+    );
+
+    // Released, then the proxy drains: closed at once.
+    let mut c = p.h1().await;
+    assert_eq!(send(&mut c, get("/public/x")).await.0, 200);
+    tokio::time::sleep(pause).await;
+    drain_closes_at_once(p, c).await;
 }

@@ -165,27 +165,35 @@ impl<IO> FramingGuard<IO> {
                     i += 1;
                 }
                 State::Head | State::ChunkSize | State::Trailers => {
-                    let b = bytes[i];
-                    if b == b'\n' && self.line.last() != Some(&b'\r') {
+                    let (limit, too_long) = match self.state {
+                        State::ChunkSize => (MAX_CHUNK_LINE, FramingError::Chunk),
+                        _ => (MAX_HEAD, FramingError::HeadTooLarge),
+                    };
+                    // Everything before the next LF is line content, taken in one piece; the
+                    // byte that would pass the limit is where the stream stops.
+                    let rest = &bytes[i..];
+                    let lf = memchr::memchr(b'\n', rest);
+                    let run = lf.unwrap_or(rest.len());
+                    let room = limit.saturating_sub(self.line.len());
+                    if run > room {
+                        return (i + room, Some(refused(too_long)));
+                    }
+                    self.line.extend_from_slice(&rest[..run]);
+                    i += run;
+                    if lf.is_none() {
+                        break;
+                    }
+                    // The LF at `i`.
+                    if self.line.last() != Some(&b'\r') {
                         let mut r = self.head_info();
                         r.error = Some(FramingError::BareLf);
                         return (i, Some(r));
                     }
-                    self.line.push(b);
-                    let limit = match self.state {
-                        State::ChunkSize => MAX_CHUNK_LINE,
-                        _ => MAX_HEAD,
-                    };
+                    self.line.push(b'\n');
                     if self.line.len() > limit {
-                        let error = match self.state {
-                            State::ChunkSize => FramingError::Chunk,
-                            _ => FramingError::HeadTooLarge,
-                        };
-                        return (i, Some(refused(error)));
+                        return (i, Some(refused(too_long)));
                     }
-                    if b == b'\n'
-                        && let Err(r) = self.line_done()
-                    {
+                    if let Err(r) = self.line_done() {
                         // Hold back the line ending: hyper never sees the line complete.
                         return (i, Some(r));
                     }
@@ -480,6 +488,105 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(run(input), *want, "{}", String::from_utf8_lossy(input));
         }
+    }
+
+    /// What a scan reported, comparably.
+    fn outcome(r: (usize, Option<Refused>)) -> (usize, Option<(FramingError, Option<String>)>) {
+        (r.0, r.1.map(|r| (r.error.unwrap(), r.method)))
+    }
+
+    #[test]
+    fn verdict_does_not_depend_on_how_reads_split_the_stream() {
+        // Pieces of streams: good and bad line endings, heads with each framing, chunk lines
+        // (some too long), body bytes, long runs without a line end (some past the limits).
+        let long_header = format!("X-Long: {}\r\n", "a".repeat(MAX_HEAD / 2));
+        let long_chunk_ext = format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE));
+        let pieces: Vec<Vec<u8>> = [
+            &b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+            b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            b"5\r\n",
+            b"0\r\n",
+            b"3;ext=1\r\n",
+            b"abcde",
+            b"\r\n",
+            b"\n",
+            b"\r",
+            b"T: v\r\n",
+            b"Accept: text/html\r\n",
+            long_header.as_bytes(),
+            long_chunk_ext.as_bytes(),
+        ]
+        .iter()
+        .map(|p| p.to_vec())
+        .collect();
+        let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..3000 {
+            let mut stream = Vec::new();
+            for _ in 0..(next() % 12) {
+                let piece = usize::try_from(next()).unwrap() % pieces.len();
+                stream.extend_from_slice(&pieces[piece]);
+            }
+            // Byte by byte (each line end met on its own), whole, and in reads of random sizes.
+            let mut want = (stream.len(), None);
+            let mut bytewise = FramingGuard::new((), slot());
+            for (i, b) in stream.iter().enumerate() {
+                if let (_, Some(r)) = bytewise.scan(std::slice::from_ref(b)) {
+                    want = outcome((i, Some(r)));
+                    break;
+                }
+            }
+            let mut whole = FramingGuard::new((), slot());
+            assert_eq!(outcome(whole.scan(&stream)), want);
+            let mut split = FramingGuard::new((), slot());
+            let mut at = 0;
+            let mut got = (stream.len(), None);
+            while at < stream.len() {
+                let len = 1 + usize::try_from(next() % 2000).unwrap();
+                let end = (at + len).min(stream.len());
+                let (n, r) = split.scan(&stream[at..end]);
+                if r.is_some() {
+                    got = outcome((at + n, r));
+                    break;
+                }
+                assert_eq!(n, end - at);
+                at = end;
+            }
+            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(&stream));
+        }
+    }
+
+    #[test]
+    fn limits_stop_at_the_byte_past_them() {
+        let mut head = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        head.resize(MAX_HEAD + 10, b'a');
+        assert_eq!(run(&head), Err(FramingError::HeadTooLarge));
+        let (n, _) = FramingGuard::new((), slot()).scan(&head);
+        assert_eq!(n, MAX_HEAD);
+        // A line end one byte past the limit is refused too (it would complete the line).
+        head.truncate(MAX_HEAD - 1);
+        head.push(b'\r');
+        head.push(b'\n');
+        let (n, r) = FramingGuard::new((), slot()).scan(&head);
+        assert_eq!(
+            (n, r.and_then(|r| r.error)),
+            (MAX_HEAD, Some(FramingError::HeadTooLarge))
+        );
+
+        let mut chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let start = chunked.len();
+        chunked.extend_from_slice(b"1;");
+        chunked.resize(start + MAX_CHUNK_LINE + 5, b'e');
+        assert_eq!(run(&chunked), Err(FramingError::Chunk));
+        let (n, _) = FramingGuard::new((), slot()).scan(&chunked);
+        assert_eq!(n, start + MAX_CHUNK_LINE);
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! Header rules of the request path: the headers the gateway owns (stripped from clients in
 //! any spelling), hop-by-hop headers (never forwarded), request ids.
 
-use std::fmt::Write as _;
+use std::{cell::RefCell, fmt};
 
 use hyper::{
     HeaderMap,
     header::{self, HeaderName, HeaderValue},
 };
-use rand_core::RngCore as _;
+use rand_chacha::ChaCha20Rng;
+use rand_core::{OsRng, RngCore as _, SeedableRng as _};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_NODEGATE_ASSERTION: HeaderName = HeaderName::from_static("x-nodegate-assertion");
@@ -15,14 +16,53 @@ pub const X_NODEGATE_USER: HeaderName = HeaderName::from_static("x-nodegate-user
 pub const X_NODEGATE_EMAIL: HeaderName = HeaderName::from_static("x-nodegate-email");
 pub const X_NODEGATE_GROUPS: HeaderName = HeaderName::from_static("x-nodegate-groups");
 
-/// A random 128-bit id, 32 lower-case hex digits.
-pub fn request_id() -> String {
-    let mut bytes = [0u8; 16];
-    rand_core::OsRng.fill_bytes(&mut bytes);
-    bytes.iter().fold(String::with_capacity(32), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
+thread_local! {
+    /// Request ids come from a ChaCha20 stream per thread keyed from the OS (a CSPRNG: the ids
+    /// are as unpredictable as the OS's own randomness) rather than a getrandom(2) call per
+    /// request.
+    static ID_RNG: RefCell<ChaCha20Rng> = RefCell::new(
+        ChaCha20Rng::from_rng(OsRng).expect("the OS random source works"),
+    );
+}
+
+/// A random 128-bit request id: 32 lower-case hex digits, held without an allocation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RequestId([u8; 32]);
+
+impl RequestId {
+    pub fn new() -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut bytes = [0u8; 16];
+        ID_RNG.with(|rng| rng.borrow_mut().fill_bytes(&mut bytes));
+        let mut out = [0u8; 32];
+        for (pair, b) in out.as_chunks_mut::<2>().0.iter_mut().zip(bytes) {
+            *pair = [HEX[usize::from(b >> 4)], HEX[usize::from(b & 0x0f)]];
+        }
+        Self(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Hex digits only.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Whether the gateway owns a header of this name: `X-Nodegate-*` and `X-Request-Id`, in any
@@ -160,12 +200,23 @@ mod tests {
 
     #[test]
     fn request_ids_are_128_bit_hex() {
-        let (a, b) = (request_id(), request_id());
-        assert_eq!(a.len(), 32);
+        let (a, b) = (RequestId::new(), RequestId::new());
+        assert_eq!(a.as_str().len(), 32);
         assert!(
-            a.bytes()
+            a.as_str()
+                .bytes()
                 .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
         );
         assert_ne!(a, b);
+        // Every digit value turns up (the nibbles are all used), and threads do not repeat
+        // each other's ids.
+        let ids: Vec<String> = (0..64).map(|_| RequestId::new().to_string()).collect();
+        for digit in "0123456789abcdef".chars() {
+            assert!(ids.iter().any(|id| id.contains(digit)), "{digit}");
+        }
+        let other = std::thread::spawn(|| RequestId::new().to_string())
+            .join()
+            .unwrap();
+        assert!(!ids.contains(&other));
     }
 }

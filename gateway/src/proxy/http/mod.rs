@@ -55,7 +55,8 @@ use self::{
     authn::{Authn, LoginRequest},
     framing::{FramingGuard, Refused},
     headers::{
-        X_NODEGATE_ASSERTION, X_NODEGATE_EMAIL, X_NODEGATE_GROUPS, X_NODEGATE_USER, X_REQUEST_ID,
+        RequestId, X_NODEGATE_ASSERTION, X_NODEGATE_EMAIL, X_NODEGATE_GROUPS, X_NODEGATE_USER,
+        X_REQUEST_ID,
     },
     idle::{Idle, IdleIo, IdleTimer, Rewind},
     response::{ProxyBody, Refusal, accepts_html, refusal},
@@ -430,18 +431,18 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let started = Instant::now();
-    let request_id = headers::request_id();
+    let request_id = RequestId::new();
     let reason = refused
         .error
         .map_or("framing_invalid", framing::FramingError::code);
-    let mut line = new_line(conn, request_id.clone());
+    let mut line = new_line(conn, &request_id);
     line.method = refused.method.as_deref().map(clip);
     line.path = refused.target.as_deref().map(clip);
     line.host = refused.host.as_deref().map(clip);
     resolve_service(conn, &mut line);
     line.reason = reason;
     line.status = 400;
-    let bytes = response::raw_refusal(reason, &request_id, refused.accept_html);
+    let bytes = response::raw_refusal(reason, request_id.as_str(), refused.accept_html);
     let _ = stream.write_all(&bytes).await;
     let _ = stream.shutdown().await;
     // Read what the client still sends (briefly) so that closing does not reset the
@@ -465,7 +466,7 @@ fn log_conn_error(err: Option<hyper::Error>, conn: &Conn) {
     let Some(err) = err else { return };
     if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
         // hyper answered 400/431 itself; the request still gets its line.
-        let mut line = new_line(conn, headers::request_id());
+        let mut line = new_line(conn, &RequestId::new());
         resolve_service(conn, &mut line);
         line.reason = if err.is_parse_too_large() {
             "http_head_too_large"
@@ -479,10 +480,10 @@ fn log_conn_error(err: Option<hyper::Error>, conn: &Conn) {
     }
 }
 
-fn new_line(conn: &Conn, request_id: String) -> RequestLine {
+fn new_line(conn: &Conn, request_id: &RequestId) -> RequestLine {
     let mut line = RequestLine::new(
         &conn.shared.node,
-        request_id,
+        request_id.as_str().to_owned(),
         conn.peer,
         conn.protocol.as_str(),
     );
@@ -513,8 +514,8 @@ fn now_unix() -> i64 {
 /// One request: decide, answer or forward, log.
 async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
-    let request_id = headers::request_id();
-    let mut line = new_line(conn, request_id.clone());
+    let request_id = RequestId::new();
+    let mut line = new_line(conn, &request_id);
     line.method = Some(clip(req.method().as_str()));
     let html = req
         .headers()
@@ -523,7 +524,7 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
         .any(|v| accepts_html(v.as_bytes()));
     let upgrade = conn.protocol == Protocol::Http1 && headers::wants_upgrade(req.headers());
     let in_flight = InFlight::new(&conn.in_flight);
-    let mut resp = process(conn, req, &mut line, &request_id, html).await;
+    let mut resp = process(conn, req, &mut line, request_id.as_str(), html).await;
     if upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The framing guard stopped following the stream at the upgrade request; without the
         // switch, nothing after it may be parsed as HTTP.

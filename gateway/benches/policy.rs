@@ -110,7 +110,7 @@ fn bench(c: &mut Criterion) {
         let mut id_for_one = id.clone();
         id_for_one.groups.push("team-0".into());
         let ctx = RequestContext {
-            identity: if n == 1 { &id_for_one } else { &id },
+            identity: if n == 1 { id_for_one.view() } else { id.view() },
             workload: Some(&workload),
             source_ip: Some("10.1.2.3".parse().unwrap_or_else(|e| panic!("{e}"))),
             spiffe_id: None,
@@ -134,7 +134,7 @@ fn bench(c: &mut Criterion) {
             ..id.clone()
         };
         let miss = RequestContext {
-            identity: &nobody,
+            identity: nobody.view(),
             ..ctx
         };
         assert!(

@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
             };
             for (method, host) in [("GET", Some("App.Example.com:443")), ("POST", None)] {
                 let ctx = RequestContext {
-                    identity,
+                    identity: identity.view(),
                     workload: wl,
                     source_ip: "10.1.2.3".parse().ok(),
                     spiffe_id: None,

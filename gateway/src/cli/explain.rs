@@ -188,7 +188,7 @@ fn evaluate(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
     http.policy.compiled.explain(&RequestContext {
-        identity,
+        identity: identity.view(),
         workload,
         source_ip: req.source,
         spiffe_id: req.spiffe_id,
@@ -251,7 +251,7 @@ fn identity(
                     issuer: Some(id.issuer.clone()),
                     from: "token",
                 };
-                (policy_identity(Some(&id)), out, None)
+                (policy_identity(Some(&id)).to_identity(), out, None)
             }
             Err(err) => {
                 notes.push(format!("token refused: {}", super::error_chain(&err)));
@@ -267,7 +267,7 @@ fn identity(
             .map_unverified_claims(claims.clone())
             .map_err(|e| CliError::Input(format!("--claims: {}", super::error_chain(&e))))?;
         let identity = if let Some(id) = &mapped {
-            policy_identity(Some(id))
+            policy_identity(Some(id)).to_identity()
         } else {
             notes.push(
                 "--claims: no configured issuer has this `iss`: mapped with the default \

@@ -156,7 +156,7 @@ fn identity_why(
                 None => format!("claim `{name}` is absent (wanted {want})"),
             }
         }
-        Node::Issuer(set) => match id.issuer.as_deref() {
+        Node::Issuer(set) => match id.issuer {
             Some(i) => format!("issuer `{i}` {is} one of {}", list(set)),
             None => "issuer: identity has no issuer".to_owned(),
         },

@@ -379,7 +379,7 @@ impl Node {
             Self::EmailDomain(set) => req.email_domain().is_some_and(|d| set.contains(d)),
             Self::Groups(set) => id.groups.iter().any(|g| set.contains(g)),
             Self::Claim { name, op } => claim_matches(id.claims.get(&**name), op),
-            Self::Issuer(set) => id.issuer.as_deref().is_some_and(|i| set.contains(i)),
+            Self::Issuer(set) => id.issuer.is_some_and(|i| set.contains(i)),
             Self::SpiffeId(patterns) => ctx
                 .spiffe_id
                 .is_some_and(|s| patterns.iter().any(|p| p.matches(s))),
@@ -612,10 +612,10 @@ impl<'a> Prepared<'a> {
         let id = ctx.identity;
         Self {
             user: (id.kind == IdentityKind::User)
-                .then_some(id.subject.as_deref())
+                .then_some(id.subject)
                 .flatten(),
             source_ip: ctx.source_ip.map(|ip| ip.to_canonical()),
-            raw_email: id.email.as_deref(),
+            raw_email: id.email,
             raw_host: ctx.host,
             email: OnceCell::new(),
             email_domain: OnceCell::new(),
@@ -659,7 +659,7 @@ impl<'a> Prepared<'a> {
             Dim::PathSegment => f(segment_key(ctx.path.first_segment())),
             Dim::Host => one(self.host(), &mut f),
             Dim::EmailDomain => one(self.email_domain(), &mut f),
-            Dim::Issuer => one(ctx.identity.issuer.as_deref(), &mut f),
+            Dim::Issuer => one(ctx.identity.issuer, &mut f),
             Dim::Method => f(ctx.method),
         }
     }
@@ -983,7 +983,7 @@ pub(crate) mod tests {
         pub(crate) fn with<R>(&self, f: impl FnOnce(&RequestContext<'_>) -> R) -> R {
             let path = CanonicalPath::parse(self.path.as_bytes()).unwrap();
             let ctx = RequestContext {
-                identity: &self.identity,
+                identity: self.identity.view(),
                 workload: self.workload.as_ref(),
                 source_ip: self.ip,
                 spiffe_id: self.spiffe_id.as_deref(),

@@ -60,7 +60,7 @@ pub mod wire;
 pub use explain::{Explanation, RuleTrace};
 pub use matcher::{CompiledPolicy, Decision, ReasonCode, Verdict};
 pub use model::{
-    Identity, IdentityKind, InvalidPolicy, MAX_CONDITION_DEPTH, Policy, PolicyError,
+    Identity, IdentityKind, IdentityRef, InvalidPolicy, MAX_CONDITION_DEPTH, Policy, PolicyError,
     RequestContext, RuleKind, Workload,
 };
 pub use path::{CanonicalPath, MAX_PATH_LEN, PathError};

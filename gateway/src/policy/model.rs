@@ -559,6 +559,64 @@ impl Identity {
     pub fn anonymous() -> Self {
         Self::default()
     }
+
+    /// The borrowed form the matcher reads.
+    #[must_use]
+    pub fn view(&self) -> IdentityRef<'_> {
+        IdentityRef {
+            kind: self.kind,
+            subject: self.subject.as_deref(),
+            email: self.email.as_deref(),
+            groups: &self.groups,
+            issuer: self.issuer.as_deref(),
+            claims: &self.claims,
+        }
+    }
+}
+
+/// An [`Identity`] as the matcher reads it, borrowed from wherever the verified values live
+/// (the auth layer's cached identity on the request path), so that evaluating a request copies
+/// nothing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IdentityRef<'a> {
+    pub kind: IdentityKind,
+    pub subject: Option<&'a str>,
+    pub email: Option<&'a str>,
+    pub groups: &'a [String],
+    pub issuer: Option<&'a str>,
+    pub claims: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+impl IdentityRef<'_> {
+    /// An owned copy (`gateway explain`, tests).
+    #[must_use]
+    pub fn to_identity(&self) -> Identity {
+        Identity {
+            kind: self.kind,
+            subject: self.subject.map(str::to_owned),
+            email: self.email.map(str::to_owned),
+            groups: self.groups.to_vec(),
+            issuer: self.issuer.map(str::to_owned),
+            claims: self.claims.clone(),
+        }
+    }
+}
+
+impl IdentityRef<'static> {
+    /// No credential.
+    #[must_use]
+    pub fn anonymous() -> Self {
+        static NO_CLAIMS: std::sync::LazyLock<serde_json::Map<String, serde_json::Value>> =
+            std::sync::LazyLock::new(serde_json::Map::new);
+        Self {
+            kind: IdentityKind::Anonymous,
+            subject: None,
+            email: None,
+            groups: &[],
+            issuer: None,
+            claims: &NO_CLAIMS,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
@@ -583,7 +641,7 @@ pub struct Workload {
 /// policy.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestContext<'a> {
-    pub identity: &'a Identity,
+    pub identity: IdentityRef<'a>,
     pub workload: Option<&'a Workload>,
     pub source_ip: Option<IpAddr>,
     /// The SPIFFE ID of the client certificate verified in the TLS handshake (never from a

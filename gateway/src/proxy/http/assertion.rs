@@ -65,7 +65,7 @@ impl std::fmt::Debug for AssertionSigner {
 }
 
 /// The workload part of an assertion.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct AssertedWorkload<'a> {
     pub namespace: &'a str,
     pub service_account: &'a str,
@@ -215,7 +215,7 @@ impl AssertionSigner {
             email: subject.email,
             groups: subject.groups,
             idp: subject.issuer,
-            workload: subject.workload.clone(),
+            workload: subject.workload,
             client_cert: subject.client_cert.clone(),
         };
         // Claims are strings and numbers: serializing them cannot fail.

@@ -196,21 +196,22 @@ pub async fn authenticate(
     (authn, HeaderMap::new())
 }
 
-/// The policy's view of an authenticated identity (or anonymous).
-pub fn policy_identity(identity: Option<&Identity>) -> policy::Identity {
+/// The policy's view of an authenticated identity (or anonymous), borrowed from it: a cached
+/// token's identity is read in place, not copied for every request.
+pub fn policy_identity(identity: Option<&Identity>) -> policy::IdentityRef<'_> {
     let Some(id) = identity else {
-        return policy::Identity::anonymous();
+        return policy::IdentityRef::anonymous();
     };
-    policy::Identity {
+    policy::IdentityRef {
         kind: match id.kind {
             IdentityKind::User => policy::IdentityKind::User,
             IdentityKind::Workload => policy::IdentityKind::Workload,
             IdentityKind::Anonymous => policy::IdentityKind::Anonymous,
         },
-        subject: (!id.subject.is_empty()).then(|| id.subject.clone()),
-        email: id.email.clone(),
-        groups: id.groups.clone(),
-        issuer: (!id.issuer.is_empty()).then(|| id.issuer.clone()),
-        claims: id.claims.clone(),
+        subject: (!id.subject.is_empty()).then_some(id.subject.as_str()),
+        email: id.email.as_deref(),
+        groups: &id.groups,
+        issuer: (!id.issuer.is_empty()).then_some(id.issuer.as_str()),
+        claims: &id.claims,
     }
 }

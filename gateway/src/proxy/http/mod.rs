@@ -170,7 +170,7 @@ impl Drop for InFlight {
     clippy::too_many_arguments,
     reason = "the connection's state, handed over as it is"
 )]
-pub(super) async fn serve<S>(
+pub(super) fn serve<S>(
     stream: S,
     peer: SocketAddr,
     orig: OrigDst,
@@ -179,9 +179,12 @@ pub(super) async fn serve<S>(
     shared: Arc<Shared>,
     mut draining: watch::Receiver<bool>,
     mut abort: watch::Receiver<bool>,
-) where
+) -> impl Future<Output = ()> + Send
+where
     S: IdleStream,
 {
+    // Not an async fn: its arguments would take room in the connection's task for as long as
+    // the connection lives, next to the `Conn` they are moved into.
     let conn = Arc::new(Conn {
         shared,
         peer,
@@ -209,23 +212,25 @@ pub(super) async fn serve<S>(
             else => std::future::pending::<()>().await,
         }
     };
-    match protocol {
-        Protocol::Http2 => {
-            // Boxed: h2's connection state would otherwise size every connection's task.
-            let mut served = Box::pin(
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .serve_connection(TokioIo::new(stream), service),
-            );
-            tokio::select! {
-                res = served.as_mut() => log_conn_error(res.err(), &conn),
-                () = aborted => {
-                    served.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
+    async move {
+        match protocol {
+            Protocol::Http2 => {
+                // Boxed: h2's connection state would otherwise size every connection's task.
+                let mut served = Box::pin(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+                tokio::select! {
+                    res = served.as_mut() => log_conn_error(res.err(), &conn),
+                    () = aborted => {
+                        served.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
+                    }
                 }
             }
+            Protocol::Http1 => serve_http1(stream, conn, service, aborted).await,
         }
-        Protocol::Http1 => serve_http1(stream, conn, service, aborted).await,
     }
 }
 
@@ -764,7 +769,9 @@ async fn process(
             .workloads
             .lookup(Some(conn.orig.cgroup_id), conn.peer.ip());
         let token_workload = identity.and_then(|i| i.workload.as_ref());
-        let policy_workload = match (token_workload, kernel_workload) {
+        // Borrowed from the route table or the identity where they hold it already.
+        let token_policy_workload;
+        let (policy_workload, asserted_workload) = match (token_workload, kernel_workload) {
             (Some(w), k) => {
                 line.workload = Some(WorkloadLog {
                     namespace: w.namespace.clone(),
@@ -772,7 +779,7 @@ async fn process(
                     pod: w.pod.clone(),
                     from: "token",
                 });
-                Some(crate::policy::Workload {
+                token_policy_workload = crate::policy::Workload {
                     namespace: w.namespace.clone(),
                     service_account: w.service_account.clone(),
                     // Labels are only known for the pod the kernel saw, when it is the same one.
@@ -783,19 +790,30 @@ async fn process(
                         })
                         .map(|k| k.policy.labels.clone())
                         .unwrap_or_default(),
-                })
+                };
+                let asserted = AssertedWorkload {
+                    namespace: &w.namespace,
+                    service_account: &w.service_account,
+                    pod: w.pod.as_deref(),
+                };
+                (Some(&token_policy_workload), Some(asserted))
             }
             (None, Some(k)) => {
                 line.workload = Some(k.log("source"));
-                Some(k.policy.clone())
+                let asserted = AssertedWorkload {
+                    namespace: &k.config.namespace,
+                    service_account: &k.config.service_account,
+                    pod: k.config.pod.as_deref(),
+                };
+                (Some(&k.policy), Some(asserted))
             }
-            (None, None) => None,
+            (None, None) => (None, None),
         };
 
         let policy_identity = authn::policy_identity(identity);
-        let decision = http.policy.compiled.evaluate(&RequestContext {
-            identity: &policy_identity,
-            workload: policy_workload.as_ref(),
+        let mut decision = http.policy.compiled.evaluate(&RequestContext {
+            identity: policy_identity,
+            workload: policy_workload,
             source_ip: Some(conn.peer.ip()),
             spiffe_id: client_cert.and_then(|c| c.spiffe_id.as_deref()),
             method: req.method().as_str(),
@@ -803,7 +821,7 @@ async fn process(
             path: &path,
             now: now_unix(),
         });
-        line.rule.clone_from(&decision.rule_id);
+        line.rule = decision.rule_id.take();
         line.reason = decision.reason.as_str();
         let denied = match &authn {
             Authn::Refused(err) => {
@@ -884,14 +902,13 @@ async fn process(
             line.decision = Decision::Allow;
         }
 
-        let workload = line.workload.clone();
         let forward = Forward {
             route,
             http,
             path: &path,
             host: host.as_deref(),
             identity,
-            workload: workload.as_ref(),
+            workload: asserted_workload,
             request_id,
         };
         match forward.send(conn, req, line).await {
@@ -991,7 +1008,7 @@ struct Forward<'a> {
     path: &'a CanonicalPath,
     host: Option<&'a str>,
     identity: Option<&'a Identity>,
-    workload: Option<&'a WorkloadLog>,
+    workload: Option<AssertedWorkload<'a>>,
     request_id: &'a str,
 }
 
@@ -1094,11 +1111,6 @@ impl Forward<'_> {
     fn identity_headers(&self, conn: &Conn, headers: &mut hyper::HeaderMap) {
         let signer = &conn.shared.http.signer;
         let id = self.identity;
-        let workload = self.workload.map(|w| AssertedWorkload {
-            namespace: &w.namespace,
-            service_account: &w.service_account,
-            pod: w.pod.as_deref(),
-        });
         let subject =
             Subject {
                 kind: id.map_or("anonymous", |i| i.kind.as_str()),
@@ -1106,7 +1118,7 @@ impl Forward<'_> {
                 email: id.and_then(|i| i.email.as_deref()),
                 groups: id.map_or(&[], |i| i.groups.as_slice()),
                 issuer: id.map(|i| i.issuer.as_str()),
-                workload,
+                workload: self.workload,
                 client_cert: conn.tls.as_ref().and_then(|t| t.client_cert()).map(|c| {
                     AssertedCert {
                         subject: &c.subject,

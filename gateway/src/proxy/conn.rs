@@ -9,7 +9,7 @@ use std::{
 use tokio::{net::TcpStream, sync::watch};
 
 use super::{
-    Shared, decide,
+    OrigDst, Shared, decide,
     detect::{self, Detected},
     forward,
     http::{self, Protocol},
@@ -43,8 +43,43 @@ pub(super) async fn handle(
     draining: watch::Receiver<bool>,
     abort: watch::Receiver<bool>,
 ) {
-    let started = Instant::now();
     let _active = Active::new(&shared);
+    // Boxed, and over before an HTTP connection is served: the connection line, the route
+    // table and protocol detection take no room in the task while the connection lives.
+    let admitted = Box::pin(admit(
+        client,
+        peer,
+        &shared,
+        draining.clone(),
+        abort.clone(),
+    ))
+    .await;
+    if let Some((client, peer, orig, protocol)) = admitted {
+        http::serve(
+            client,
+            peer,
+            orig,
+            protocol,
+            None,
+            shared.clone(),
+            draining,
+            abort,
+        )
+        .await;
+    }
+}
+
+/// The connection up to the HTTP path: the original destination, the route, the L4 rule,
+/// protocol detection; TLS and L4 connections are served here to their end. `Some` for a
+/// plaintext connection to an HTTP service, with its detected protocol.
+async fn admit(
+    client: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    draining: watch::Receiver<bool>,
+    abort: watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr, OrigDst, Protocol)> {
+    let started = Instant::now();
     if let Err(err) = client.set_nodelay(true) {
         tracing::debug!(error = %err, "TCP_NODELAY on an accepted connection");
     }
@@ -56,7 +91,7 @@ pub(super) async fn handle(
         refuse(&client);
         line.duration = started.elapsed();
         line.emit(&shared.metrics);
-        return;
+        return None;
     };
     line.dst = Some(orig.dst);
     line.cgroup_id = Some(orig.cgroup_id);
@@ -73,7 +108,7 @@ pub(super) async fn handle(
         refuse(&client);
         line.duration = started.elapsed();
         line.emit(&shared.metrics);
-        return;
+        return None;
     };
     if route.service.id != orig.service_id {
         tracing::debug!(%peer, dst = %orig.dst, "the service changed since connect (config reload)");
@@ -93,7 +128,7 @@ pub(super) async fn handle(
             refuse(&client);
             line.duration = started.elapsed();
             line.emit(&shared.metrics);
-            return;
+            return None;
         }
         let protocol = match detect::detect(&client, DETECT_WAIT).await {
             Detected::Http1 => Protocol::Http1,
@@ -101,10 +136,10 @@ pub(super) async fn handle(
             Detected::Tls if route.service.http.as_ref().is_some_and(|h| h.tls.is_some()) => {
                 // The gateway holds this service's certificate: terminate, then HTTP. Boxed, as
                 // the L4 path: see `the_connection_task_stays_small`.
-                return Box::pin(tls::serve(
+                Box::pin(tls::serve(
                     client,
                     orig,
-                    &shared,
+                    shared,
                     &routes,
                     route,
                     line,
@@ -112,19 +147,21 @@ pub(super) async fn handle(
                     (draining, abort),
                 ))
                 .await;
+                return None;
             }
             Detected::Tls => {
                 line.sni = detect::peek_sni(&client).await;
-                return forward_l4(client, &shared, &routes, route, line, started, abort).await;
+                forward_l4(client, shared, &routes, route, line, started, abort).await;
+                return None;
             }
-            Detected::Closed => return,
+            Detected::Closed => return None,
             Detected::TimedOut => {
                 line.decision = Decision::Deny;
                 line.reason = Reason::ProtocolTimeout;
                 refuse(&client);
                 line.duration = started.elapsed();
                 line.emit(&shared.metrics);
-                return;
+                return None;
             }
         };
         if let Some((decision, reason)) = l4 {
@@ -134,23 +171,10 @@ pub(super) async fn handle(
             line.duration = started.elapsed();
             line.emit(&shared.metrics);
         }
-        // Requests have lines of their own and read the live table: neither is kept (idle).
-        drop(line);
-        drop(routes);
-        http::serve(
-            client,
-            peer,
-            orig,
-            protocol,
-            None,
-            shared.clone(),
-            draining,
-            abort,
-        )
-        .await;
-        return;
+        return Some((client, peer, orig, protocol));
     }
-    forward_l4(client, &shared, &routes, route, line, started, abort).await;
+    forward_l4(client, shared, &routes, route, line, started, abort).await;
+    None
 }
 
 /// The L4 path: the service's source rule, then bytes copied both ways. Boxed: its future
@@ -221,11 +245,11 @@ mod tests {
     }
 
     /// Every connection's task is as large as the largest state of [`handle`], for as long as
-    /// the connection lives (an idle keep-alive one too): the TLS handshake, the L4 path and
-    /// hyper's connection are boxed, so that they do not size it.
+    /// the connection lives (an idle keep-alive one too): admission, the TLS handshake, the L4
+    /// path and hyper's connection are boxed, so that they do not size it.
     #[test]
     fn the_connection_task_stays_small() {
         let size = future_size(&handle);
-        assert!(size <= 2048, "conn::handle's future is {size} bytes");
+        assert!(size <= 1536, "conn::handle's future is {size} bytes");
     }
 }

@@ -179,7 +179,7 @@ pub(super) fn serve<S>(
     shared: Arc<Shared>,
     mut draining: watch::Receiver<bool>,
     mut abort: watch::Receiver<bool>,
-) -> impl Future<Output = ()> + Send
+) -> impl Future<Output = ()>
 where
     S: IdleStream,
 {
@@ -213,6 +213,7 @@ where
         }
     };
     async move {
+        let mut aborted = std::pin::pin!(aborted);
         match protocol {
             Protocol::Http2 => {
                 // Boxed: h2's connection state would otherwise size every connection's task.
@@ -223,7 +224,7 @@ where
                 );
                 tokio::select! {
                     res = served.as_mut() => log_conn_error(res.err(), &conn),
-                    () = aborted => {
+                    () = aborted.as_mut() => {
                         served.as_mut().graceful_shutdown();
                         let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
                     }
@@ -241,7 +242,7 @@ async fn serve_http1<IO, S>(
     stream: IO,
     conn: Arc<Conn>,
     service: S,
-    aborted: impl Future<Output = ()>,
+    mut aborted: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) where
     IO: IdleStream,
     S: hyper::service::Service<
@@ -252,7 +253,6 @@ async fn serve_http1<IO, S>(
         + Unpin,
     S::Future: Send + 'static,
 {
-    tokio::pin!(aborted);
     let mut stream = Rewind::new(stream);
     // The header read deadline carried over to the next hyper connection.
     let mut deadline = None;

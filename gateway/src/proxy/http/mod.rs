@@ -375,10 +375,11 @@ where
         }
         since = &mut released, if IO::RELEASE_IDLE => {
             // hyper closes an idle connection at once, writing nothing; the stream is kept.
+            // Bounded all the same: were it busy after all, it would finish and close.
             idle.release();
             std::pin::Pin::new(&mut *served).graceful_shutdown();
-            match (&mut *served).await {
-                Ok(()) => {
+            match tokio::time::timeout(CLOSE_GRACE, &mut *served).await {
+                Ok(Ok(())) => {
                     if let Some(parts) = served.into_parts() {
                         let hyper::server::conn::http1::Parts { io, read_buf, .. } = parts;
                         drop(io);
@@ -389,7 +390,8 @@ where
                     }
                     return Round::Closed;
                 }
-                Err(err) => Some(err),
+                Ok(Err(err)) => Some(err),
+                Err(_) => None,
             }
         }
     };

@@ -17,17 +17,21 @@
 //! share an assertion, and is cleared when it grows past [`CACHE_MAX`] entries.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
-    sync::{Arc, Mutex, PoisonError},
+    fmt,
+    sync::{Mutex, PoisonError},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+use bytes::Bytes;
+use hyper::header::HeaderValue;
 use ring::{
     rand::SystemRandom,
     signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _},
 };
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
 
 use crate::config::AssertionConfig;
@@ -50,13 +54,14 @@ pub struct AssertionSigner {
 }
 
 struct Reusable {
-    token: Arc<str>,
+    /// The header value itself: handing it out again copies nothing.
+    token: HeaderValue,
     /// Unix seconds after which a fresh one is signed.
     until: u64,
 }
 
-impl std::fmt::Debug for AssertionSigner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for AssertionSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AssertionSigner")
             .field("kid", &self.kid)
             .field("config", &self.config)
@@ -88,7 +93,7 @@ pub struct Subject<'a> {
 }
 
 /// A verified client certificate, as asserted.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct AssertedCert<'a> {
     /// RFC 4514 subject.
     pub subject: &'a str,
@@ -100,7 +105,7 @@ pub struct AssertedCert<'a> {
 #[derive(Serialize)]
 struct Stable<'a> {
     iss: &'a str,
-    aud: String,
+    aud: Audience<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     sub: Option<&'a str>,
     /// `user`, `workload` or `anonymous`.
@@ -116,6 +121,23 @@ struct Stable<'a> {
     workload: Option<AssertedWorkload<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     client_cert: Option<AssertedCert<'a>>,
+}
+
+/// `aud`: the configured prefix and the service name, written as one string without building
+/// it.
+struct Audience<'a>(&'a str, &'a str);
+
+impl Serialize for Audience<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl fmt::Display for Audience<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)?;
+        f.write_str(self.1)
+    }
 }
 
 #[derive(Serialize)]
@@ -199,46 +221,63 @@ impl AssertionSigner {
         &self.config
     }
 
-    /// A signed assertion about `subject` for `service`: one signed earlier for exactly these
-    /// claims while it is fresh (see the module docs), else a new one whose `jti` is
-    /// `request_id`.
-    pub fn sign(&self, service: &str, subject: &Subject<'_>, request_id: &str) -> Arc<str> {
+    /// A signed assertion about `subject` for `service`, as the header value: one signed
+    /// earlier for exactly these claims while it is fresh (see the module docs), else a new one
+    /// whose `jti` is `request_id`. `None` only if the token were not a valid header value
+    /// (base64url and dots always are).
+    pub fn sign(
+        &self,
+        service: &str,
+        subject: &Subject<'_>,
+        request_id: &str,
+    ) -> Option<HeaderValue> {
+        thread_local! {
+            /// The claims of the request at hand, serialized: the cache key, kept only when a
+            /// new assertion is cached.
+            static KEY: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO)
             .as_secs();
         let stable = Stable {
             iss: &self.config.issuer,
-            aud: format!("{}{service}", self.config.audience_prefix),
+            aud: Audience(&self.config.audience_prefix, service),
             sub: subject.subject,
             nodegate_kind: subject.kind,
             email: subject.email,
             groups: subject.groups,
             idp: subject.issuer,
             workload: subject.workload,
-            client_cert: subject.client_cert.clone(),
+            client_cert: subject.client_cert,
         };
-        // Claims are strings and numbers: serializing them cannot fail.
-        let key = serde_json::to_vec(&stable).unwrap_or_default();
-        if let Some(hit) = self.lock().get(&key)
-            && now < hit.until
-        {
-            return hit.token.clone();
-        }
-        let token: Arc<str> = Arc::from(self.sign_now(&key, now, request_id));
-        let ttl = self.config.ttl.as_secs();
-        let mut cache = self.lock();
-        if cache.len() >= CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(
-            key,
-            Reusable {
-                token: token.clone(),
-                until: now + ttl / 4,
-            },
-        );
-        token
+        KEY.with_borrow_mut(|key| {
+            key.clear();
+            // Claims are strings and numbers: serializing them cannot fail.
+            if serde_json::to_writer(&mut *key, &stable).is_err() {
+                key.clear();
+            }
+            if let Some(hit) = self.lock().get(key.as_slice())
+                && now < hit.until
+            {
+                return Some(hit.token.clone());
+            }
+            let token = self.sign_now(key, now, request_id);
+            let token = HeaderValue::from_maybe_shared(Bytes::from(token)).ok()?;
+            let ttl = self.config.ttl.as_secs();
+            let mut cache = self.lock();
+            if cache.len() >= CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(
+                key.clone(),
+                Reusable {
+                    token: token.clone(),
+                    until: now + ttl / 4,
+                },
+            );
+            Some(token)
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Reusable>> {
@@ -286,35 +325,38 @@ mod tests {
             audience_prefix: "urn:ng:".into(),
         });
         let groups = vec!["devs".to_owned()];
-        let token = signer.sign(
-            "grafana",
-            &Subject {
-                kind: "user",
-                subject: Some("alice"),
-                email: Some("alice@example.com"),
-                groups: &groups,
-                issuer: Some("https://login.example.com"),
-                workload: Some(AssertedWorkload {
-                    namespace: "ci",
-                    service_account: "builder",
-                    pod: None,
-                }),
-                client_cert: Some(AssertedCert {
-                    subject: "CN=builder,O=Example",
-                    spiffe_id: Some("spiffe://td.test/ns/ci/sa/builder"),
-                }),
-            },
-            "00ff",
-        );
+        let token = signer
+            .sign(
+                "grafana",
+                &Subject {
+                    kind: "user",
+                    subject: Some("alice"),
+                    email: Some("alice@example.com"),
+                    groups: &groups,
+                    issuer: Some("https://login.example.com"),
+                    workload: Some(AssertedWorkload {
+                        namespace: "ci",
+                        service_account: "builder",
+                        pod: None,
+                    }),
+                    client_cert: Some(AssertedCert {
+                        subject: "CN=builder,O=Example",
+                        spiffe_id: Some("spiffe://td.test/ns/ci/sa/builder"),
+                    }),
+                },
+                "00ff",
+            )
+            .unwrap();
         let set: JwkSet = serde_json::from_str(signer.jwks()).unwrap();
-        let header = jsonwebtoken::decode_header(&*token).unwrap();
+        let token = token.to_str().unwrap();
+        let header = jsonwebtoken::decode_header(token).unwrap();
         assert_eq!(header.kid.as_deref(), Some(signer.kid()));
         let jwk = set.find(signer.kid()).unwrap();
         let mut validation = Validation::new(jsonwebtoken::Algorithm::ES256);
         validation.set_audience(&["urn:ng:grafana"]);
         validation.set_issuer(&["nodegate"]);
         let data = jsonwebtoken::decode::<serde_json::Value>(
-            &*token,
+            token,
             &DecodingKey::from_jwk(jwk).unwrap(),
             &validation,
         )
@@ -333,22 +375,24 @@ mod tests {
 
         // A token signed by another gateway's key does not verify with this JWKS.
         let other = AssertionSigner::generate(signer.config().clone());
-        let forged = other.sign(
-            "grafana",
-            &Subject {
-                kind: "anonymous",
-                subject: None,
-                email: None,
-                groups: &[],
-                issuer: None,
-                workload: None,
-                client_cert: None,
-            },
-            "1",
-        );
+        let forged = other
+            .sign(
+                "grafana",
+                &Subject {
+                    kind: "anonymous",
+                    subject: None,
+                    email: None,
+                    groups: &[],
+                    issuer: None,
+                    workload: None,
+                    client_cert: None,
+                },
+                "1",
+            )
+            .unwrap();
         assert!(
             jsonwebtoken::decode::<serde_json::Value>(
-                &*forged,
+                forged.to_str().unwrap(),
                 &DecodingKey::from_jwk(jwk).unwrap(),
                 &validation,
             )
@@ -377,14 +421,18 @@ mod tests {
         });
         let devs = vec!["devs".to_owned()];
         let ops = vec!["ops".to_owned()];
-        let a1 = signer.sign("web", &subject("alice", &devs), "r1");
-        let a2 = signer.sign("web", &subject("alice", &devs), "r2");
-        assert!(Arc::ptr_eq(&a1, &a2), "same claims, fresh: reused");
+        let a1 = signer.sign("web", &subject("alice", &devs), "r1").unwrap();
+        let a2 = signer.sign("web", &subject("alice", &devs), "r2").unwrap();
+        assert_eq!(
+            a1.as_bytes().as_ptr(),
+            a2.as_bytes().as_ptr(),
+            "same claims, fresh: reused"
+        );
         // Any difference in the claims is another assertion.
         for other in [
-            signer.sign("web", &subject("bob", &devs), "r3"),
-            signer.sign("web", &subject("alice", &ops), "r4"),
-            signer.sign("api", &subject("alice", &devs), "r5"),
+            signer.sign("web", &subject("bob", &devs), "r3").unwrap(),
+            signer.sign("web", &subject("alice", &ops), "r4").unwrap(),
+            signer.sign("api", &subject("alice", &devs), "r5").unwrap(),
         ] {
             assert_ne!(other, a1);
             let (_, claims) = decode(&other);
@@ -395,18 +443,20 @@ mod tests {
         assert_eq!(claims["jti"], "r1");
         // Stale (a quarter of the ttl has passed): a new one.
         signer.lock().values_mut().for_each(|r| r.until = 0);
-        let a3 = signer.sign("web", &subject("alice", &devs), "r6");
+        let a3 = signer.sign("web", &subject("alice", &devs), "r6").unwrap();
         assert_ne!(a3, a1);
         assert_eq!(decode(&a3).1["jti"], "r6");
         // The cache never grows past its bound.
         for i in 0..CACHE_MAX + 10 {
-            let _ = signer.sign("web", &subject(&i.to_string(), &devs), "x");
+            let _ = signer
+                .sign("web", &subject(&i.to_string(), &devs), "x")
+                .unwrap();
         }
         assert!(signer.lock().len() <= CACHE_MAX);
     }
 
-    fn decode(token: &str) -> (serde_json::Value, serde_json::Value) {
-        let mut parts = token.split('.');
+    fn decode(token: &HeaderValue) -> (serde_json::Value, serde_json::Value) {
+        let mut parts = token.to_str().unwrap().split('.');
         let mut part = || -> serde_json::Value {
             serde_json::from_slice(&B64.decode(parts.next().unwrap()).unwrap()).unwrap()
         };

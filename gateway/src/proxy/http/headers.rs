@@ -47,6 +47,12 @@ impl RequestId {
     }
 }
 
+impl AsRef<[u8]> for RequestId {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 impl Default for RequestId {
     fn default() -> Self {
         Self::new()
@@ -93,15 +99,22 @@ pub fn strip_gateway_owned(headers: &mut HeaderMap) -> usize {
     removed
 }
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named by `Connection`, and the fixed
 /// set. `keep_upgrade` keeps `Connection: upgrade` + `Upgrade` for an authorized upgrade.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Only the named headers that are there are removed, so only those need a `HeaderName`
+    // (one for a token like `keep-alive` would be allocated on every message).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| headers.contains_key(*t))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for name in named {
         if keep_upgrade && name == header::UPGRADE {
@@ -118,8 +131,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         header::TRANSFER_ENCODING,
         header::PROXY_AUTHORIZATION,
         header::PROXY_AUTHENTICATE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
     ] {
         headers.remove(name);
     }
@@ -185,6 +198,11 @@ mod tests {
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert("x-end-to-end", HeaderValue::from_static("1"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("X-Other ,absent, bad name"),
+        );
+        h.insert("x-other", HeaderValue::from_static("1"));
         let mut up = h.clone();
         assert!(wants_upgrade(&h));
         strip_hop_by_hop(&mut h, false);
@@ -196,6 +214,17 @@ mod tests {
         assert_eq!(up[header::CONNECTION], "upgrade");
         assert_eq!(up[header::UPGRADE], "websocket");
         assert!(!up.contains_key("x-secret"));
+        assert!(!up.contains_key("x-other"));
+        // Never the gateway's own end-to-end headers, whatever `Connection` names.
+        let mut keep = HeaderMap::new();
+        keep.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Host, authorization"),
+        );
+        keep.insert(header::HOST, HeaderValue::from_static("a"));
+        keep.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        strip_hop_by_hop(&mut keep, false);
+        assert_eq!(keep.len(), 2);
     }
 
     #[test]

@@ -31,6 +31,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use http::uri::{PathAndQuery, Scheme};
 use http_body_util::BodyExt as _;
 use hyper::{
     Method, Request, Response, StatusCode, Version,
@@ -61,7 +62,11 @@ use self::{
     idle::{Idle, IdleIo, IdleTimer, Rewind},
     response::{ProxyBody, Refusal, accepts_html, refusal},
 };
-use super::{OrigDst, Shared, routes::Route, tls::TlsConn};
+use super::{
+    OrigDst, Shared,
+    routes::{Route, ServiceRoute},
+    tls::TlsConn,
+};
 use crate::{
     auth::Identity,
     config::HttpService,
@@ -531,7 +536,7 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
         .any(|v| accepts_html(v.as_bytes()));
     let upgrade = conn.protocol == Protocol::Http1 && headers::wants_upgrade(req.headers());
     let in_flight = InFlight::new(&conn.in_flight);
-    let mut resp = process(conn, req, &mut line, request_id.as_str(), html).await;
+    let mut resp = process(conn, req, &mut line, &request_id, html).await;
     if upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The framing guard stopped following the stream at the upgrade request; without the
         // switch, nothing after it may be parsed as HTTP.
@@ -603,9 +608,10 @@ async fn process(
     conn: &Conn,
     mut req: Request<Incoming>,
     line: &mut RequestLine,
-    request_id: &str,
+    id: &RequestId,
     html: bool,
 ) -> Response<ProxyBody> {
+    let request_id = id.as_str();
     let routes = conn.shared.routes.load_full();
     let Some(route) = conn.route(&routes) else {
         return refuse(
@@ -634,14 +640,17 @@ async fn process(
     line.policy_version = Some(http.policy.version.clone());
 
     // The path, decoded once; an ambiguous one never reaches policy.
-    let target = req
-        .uri()
-        .path_and_query()
-        .map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_owned());
+    let whole_uri;
+    let target = if let Some(pq) = req.uri().path_and_query() {
+        pq.as_str()
+    } else {
+        whole_uri = req.uri().to_string();
+        &whole_uri
+    };
     let path = match CanonicalPath::parse(target.as_bytes()) {
         Ok(path) => path,
         Err(err) => {
-            line.path = Some(clip(&target));
+            line.path = Some(clip(target));
             return refuse(
                 line,
                 StatusCode::BAD_REQUEST,
@@ -672,9 +681,13 @@ async fn process(
             html,
         );
     }
-    let host_header = match req.headers().get(header::HOST).map(HeaderValue::to_str) {
+    // Held (a reference count, not a copy) so that `host` can borrow them while the request's
+    // headers are changed below.
+    let host_value = req.headers().get(header::HOST).cloned();
+    let authority = req.uri().authority().cloned();
+    let host_header = match host_value.as_ref().map(HeaderValue::to_str) {
         None => None,
-        Some(Ok(h)) => Some(h.to_owned()),
+        Some(Ok(h)) => Some(h),
         Some(Err(_)) => {
             return refuse(
                 line,
@@ -685,10 +698,12 @@ async fn process(
             );
         }
     };
-    let authority = req.uri().authority().map(|a| a.as_str().to_owned());
-    let host = match (authority, host_header) {
-        (Some(a), Some(h)) if !a.eq_ignore_ascii_case(&h) => {
-            line.host = Some(clip(&h));
+    let host = match (
+        authority.as_ref().map(http::uri::Authority::as_str),
+        host_header,
+    ) {
+        (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => {
+            line.host = Some(clip(h));
             return refuse(
                 line,
                 StatusCode::BAD_REQUEST,
@@ -700,8 +715,8 @@ async fn process(
         (Some(a), _) => Some(a),
         (None, h) => h,
     };
-    line.host = host.as_deref().map(clip);
-    if !http.serves_host(host.as_deref()) {
+    line.host = host.map(clip);
+    if !http.serves_host(host) {
         return refuse(
             line,
             StatusCode::MISDIRECTED_REQUEST,
@@ -732,12 +747,12 @@ async fn process(
     };
     // On the canonical path: `/%2Enodegate/...` is reserved too, and nothing under the prefix
     // is ever forwarded.
-    let target = path.to_origin_form();
     if path.as_str().starts_with(authn::RESERVED_PREFIX) {
+        let target = path.to_origin_form();
         let req = login_request(
             &req,
             &service.name,
-            host.as_deref(),
+            host,
             &target,
             request_id,
             html,
@@ -819,7 +834,7 @@ async fn process(
             source_ip: Some(conn.peer.ip()),
             spiffe_id: client_cert.and_then(|c| c.spiffe_id.as_deref()),
             method: req.method().as_str(),
-            host: host.as_deref(),
+            host,
             path: &path,
             now: now_unix(),
         });
@@ -864,8 +879,8 @@ async fn process(
                         .start(login_request(
                             &req,
                             &service.name,
-                            host.as_deref(),
-                            &target,
+                            host,
+                            &path.to_origin_form(),
                             request_id,
                             html,
                             conn.tls.is_some(),
@@ -908,10 +923,10 @@ async fn process(
             route,
             http,
             path: &path,
-            host: host.as_deref(),
+            host,
             identity,
             workload: asserted_workload,
-            request_id,
+            request_id: id,
         };
         match forward.send(conn, req, line).await {
             Ok(resp) => resp,
@@ -1011,7 +1026,7 @@ struct Forward<'a> {
     host: Option<&'a str>,
     identity: Option<&'a Identity>,
     workload: Option<AssertedWorkload<'a>>,
-    request_id: &'a str,
+    request_id: &'a RequestId,
 }
 
 impl Forward<'_> {
@@ -1032,40 +1047,63 @@ impl Forward<'_> {
             login.strip_cookies(headers);
         }
         join_cookies(headers);
-        if let Some(host) = self.host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        // The host as evaluated (the authority of an absolute target wins over `Host`); a
+        // `Host` that already says it is left as it is.
+        if let Some(host) = self.host
+            && headers.get(header::HOST).map(HeaderValue::as_bytes) != Some(host.as_bytes())
+            && let Ok(host) = HeaderValue::from_str(host)
+        {
             headers.insert(header::HOST, host);
         }
-        if let Ok(id) = HeaderValue::from_str(self.request_id) {
-            headers.insert(X_REQUEST_ID, id);
+        // One buffer for the request's and the response's copy.
+        let request_id =
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(*self.request_id)).ok();
+        if let Some(id) = &request_id {
+            headers.insert(X_REQUEST_ID, id.clone());
         }
         self.identity_headers(conn, headers);
-        let target = self.path.to_origin_form();
         let retryable = body.is_end_stream();
         let mut body = Some(body);
         let candidates = self.route.candidates();
         let scheme = if self.http.upstream_tls.is_some() {
-            "https"
+            Scheme::HTTPS
         } else {
-            "http"
+            Scheme::HTTP
         };
+        // Parsed once, for the first attempt: the canonical target, re-encoded.
+        let mut target = None;
         let mut last_err = "upstream_unavailable";
         for (i, endpoint) in candidates.iter().enumerate() {
-            let Ok(uri) = format!("{scheme}://{endpoint}{target}").parse::<hyper::Uri>() else {
+            // A connect failure of a request without a body tries the next endpoint with the
+            // same headers; otherwise they are moved into the one attempt.
+            let more = retryable && i + 1 < candidates.len();
+            let pq = match target.take() {
+                Some(pq) => Some(pq),
+                None => {
+                    PathAndQuery::from_maybe_shared(bytes::Bytes::from(self.path.to_origin_form()))
+                        .ok()
+                }
+            };
+            if more {
+                target.clone_from(&pq);
+            }
+            let Some(uri) =
+                pq.and_then(|pq| upstream_uri(&self.route.service, &scheme, *endpoint, pq))
+            else {
                 return Err("upstream_invalid_target");
             };
-            let mut builder = Request::builder()
-                .method(parts.method.clone())
-                .uri(uri)
-                .version(Version::HTTP_11);
-            if let Some(h) = builder.headers_mut() {
-                h.clone_from(&parts.headers);
-            }
             let body = match body.take() {
                 Some(b) => response::boxed_incoming(b),
                 None => response::full(bytes::Bytes::new()),
             };
-            let Ok(upstream_req) = builder.body(body) else {
-                return Err("upstream_invalid_target");
+            let mut upstream_req = Request::new(body);
+            *upstream_req.method_mut() = parts.method.clone();
+            *upstream_req.uri_mut() = uri;
+            *upstream_req.version_mut() = Version::HTTP_11;
+            *upstream_req.headers_mut() = if more {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
             };
             line.upstream = Some(*endpoint);
             match conn.shared.http.client.request(upstream_req).await {
@@ -1077,7 +1115,7 @@ impl Forward<'_> {
                     // The upstream's HTTP version is hop-by-hop too (an HTTP/1.0 backend must not
                     // end the client's keep-alive): the gateway answers in its own (RFC 9110 §6.2).
                     *resp.version_mut() = Version::HTTP_11;
-                    if let Ok(id) = HeaderValue::from_str(self.request_id) {
+                    if let Some(id) = request_id {
                         resp.headers_mut().insert(X_REQUEST_ID, id);
                     }
                     if let (Some(client), Some(upstream)) = (client_upgrade, upstream_upgrade) {
@@ -1128,9 +1166,10 @@ impl Forward<'_> {
                     }
                 }),
             };
-        let token = signer.sign(&self.route.service.name, &subject, self.request_id);
-        if let Ok(v) = HeaderValue::from_str(&token) {
-            headers.insert(X_NODEGATE_ASSERTION, v);
+        if let Some(token) =
+            signer.sign(&self.route.service.name, &subject, self.request_id.as_str())
+        {
+            headers.insert(X_NODEGATE_ASSERTION, token);
         }
         if !self.http.identity_headers {
             return;
@@ -1152,6 +1191,26 @@ impl Forward<'_> {
             put(X_NODEGATE_GROUPS, &id.groups.join(","));
         }
     }
+}
+
+/// The absolute URI the pooled client is given for `endpoint` (it picks the connection by
+/// scheme and authority and sends the origin form): the authority the route table formatted
+/// for the endpoint, else formatted now.
+fn upstream_uri(
+    service: &ServiceRoute,
+    scheme: &Scheme,
+    endpoint: SocketAddr,
+    target: PathAndQuery,
+) -> Option<hyper::Uri> {
+    let authority = match service.authority(endpoint) {
+        Some(authority) => authority,
+        None => endpoint.to_string().parse().ok()?,
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(scheme.clone());
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(target);
+    hyper::Uri::from_parts(parts).ok()
 }
 
 /// HTTP/2 may split `Cookie` into several fields (RFC 9113 §8.2.3); HTTP/1.1 upstreams expect

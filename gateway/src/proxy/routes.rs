@@ -13,8 +13,6 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::uri::Authority;
 
 use crate::{
     config::{Config, HttpService, L4Rule, StaticWorkload},
@@ -108,17 +106,6 @@ pub struct ServiceRoute {
     pub http: Option<HttpService>,
     /// Round-robin position over `endpoints` for connections to a VIP.
     next: AtomicUsize,
-    /// Each endpoint of an HTTP service as the authority of the pooled client's request URIs
-    /// (`ip:port`, `[v6]:port`), formatted once per snapshot; `None` where it does not parse.
-    authorities: Vec<Option<Authority>>,
-}
-
-impl ServiceRoute {
-    /// The URI authority of `endpoint`, one of this service's.
-    pub fn authority(&self, endpoint: SocketAddr) -> Option<Authority> {
-        let i = self.endpoints.iter().position(|e| *e == endpoint)?;
-        self.authorities.get(i).cloned().flatten()
-    }
 }
 
 /// What the client dialed.
@@ -152,14 +139,6 @@ impl Routes {
                 rule: s.rule.clone(),
                 http: s.http.clone(),
                 next: AtomicUsize::new(0),
-                authorities: if s.http.is_some() {
-                    s.endpoints
-                        .iter()
-                        .map(|ep| Authority::from_maybe_shared(Bytes::from(ep.to_string())).ok())
-                        .collect()
-                } else {
-                    Vec::new()
-                },
             });
             for vip in &s.vips {
                 dests.insert(
@@ -324,7 +303,6 @@ services:
   - name: web
     vips: ["10.96.0.1:80", "[fd96::1]:80"]
     endpoints: ["10.1.0.1:8080", "[fd01::1]:8080", "10.1.0.2:8080", "[fd01::2]:8080"]
-    policy: { allow: [{ id: all, when: { path: { prefix: / } } }] }
   - name: v4only
     vips: ["[fd96::2]:80"]
     endpoints: ["10.1.0.9:8080"]
@@ -342,16 +320,6 @@ services:
             let c = v6.candidates();
             assert!(c[..2].iter().all(SocketAddr::is_ipv6), "{c:?}");
         }
-        // An HTTP service's endpoints as the authority of its upstream request URIs.
-        for ep in ["10.1.0.1:8080", "[fd01::2]:8080"] {
-            let authority = v4.service.authority(ep.parse().unwrap()).unwrap();
-            assert_eq!(authority.as_str(), ep);
-        }
-        assert!(
-            v4.service
-                .authority("10.1.0.9:8080".parse().unwrap())
-                .is_none()
-        );
         // No endpoint of the VIP's family: the other family is the fallback.
         let only = r.resolve("[fd96::2]:80".parse().unwrap()).unwrap();
         assert_eq!(

@@ -31,7 +31,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http_body_util::BodyExt as _;
 use hyper::{
     Method, Request, Response, StatusCode, Version,
@@ -61,12 +61,9 @@ use self::{
     },
     idle::{Idle, IdleIo, IdleTimer, Rewind},
     response::{ProxyBody, Refusal, accepts_html, refusal},
+    upstream::SendError,
 };
-use super::{
-    OrigDst, Shared,
-    routes::{Route, ServiceRoute},
-    tls::TlsConn,
-};
+use super::{OrigDst, Shared, routes::Route, tls::TlsConn};
 use crate::{
     auth::Identity,
     config::HttpService,
@@ -1065,33 +1062,28 @@ impl Forward<'_> {
         let retryable = body.is_end_stream();
         let mut body = Some(body);
         let candidates = self.route.candidates();
-        let scheme = if self.http.upstream_tls.is_some() {
-            Scheme::HTTPS
-        } else {
-            Scheme::HTTP
-        };
-        // Parsed once, for the first attempt: the canonical target, re-encoded.
+        let tls = self.http.upstream_tls.is_some();
+        // Built once, for the first attempt: the canonical target, re-encoded.
         let mut target = None;
         let mut last_err = "upstream_unavailable";
         for (i, endpoint) in candidates.iter().enumerate() {
             // A connect failure of a request without a body tries the next endpoint with the
             // same headers; otherwise they are moved into the one attempt.
             let more = retryable && i + 1 < candidates.len();
-            let pq = match target.take() {
-                Some(pq) => Some(pq),
+            let uri = match target.take() {
+                Some(uri) => Some(uri),
                 None => {
                     PathAndQuery::from_maybe_shared(bytes::Bytes::from(self.path.to_origin_form()))
                         .ok()
+                        .map(hyper::Uri::from)
                 }
             };
-            if more {
-                target.clone_from(&pq);
-            }
-            let Some(uri) =
-                pq.and_then(|pq| upstream_uri(&self.route.service, &scheme, *endpoint, pq))
-            else {
+            let Some(uri) = uri else {
                 return Err("upstream_invalid_target");
             };
+            if more {
+                target = Some(uri.clone());
+            }
             let body = match body.take() {
                 Some(b) => response::boxed_incoming(b),
                 None => response::full(bytes::Bytes::new()),
@@ -1106,7 +1098,13 @@ impl Forward<'_> {
                 std::mem::take(&mut parts.headers)
             };
             line.upstream = Some(*endpoint);
-            match conn.shared.http.client.request(upstream_req).await {
+            match conn
+                .shared
+                .http
+                .client
+                .send(tls, *endpoint, upstream_req)
+                .await
+            {
                 Ok(mut resp) => {
                     let upstream_upgrade = (resp.status() == StatusCode::SWITCHING_PROTOCOLS)
                         .then(|| hyper::upgrade::on(&mut resp));
@@ -1121,9 +1119,9 @@ impl Forward<'_> {
                     if let (Some(client), Some(upstream)) = (client_upgrade, upstream_upgrade) {
                         splice_upgraded(client, upstream, conn.peer);
                     }
-                    return Ok(resp.map(response::boxed_incoming));
+                    return Ok(resp.map(http_body_util::BodyExt::boxed));
                 }
-                Err(err) if err.is_connect() => {
+                Err(SendError::Connect(err)) => {
                     if let Some(tls) = super::tls::upstream::UpstreamTlsFailure::find(&err) {
                         // A backend that does not prove its identity is not an unavailable
                         // one: no retry elsewhere, never plaintext.
@@ -1134,11 +1132,11 @@ impl Forward<'_> {
                     tracing::warn!(upstream = %endpoint, error = %crate::cli::error_chain(&err), "upstream connect failed");
                     last_err = "upstream_unavailable";
                     // The body was not sent; a request without one can go to the next endpoint.
-                    if !(retryable && i + 1 < candidates.len()) {
+                    if !more {
                         return Err(last_err);
                     }
                 }
-                Err(err) => {
+                Err(SendError::Request(err)) => {
                     tracing::debug!(upstream = %endpoint, error = %crate::cli::error_chain(&err), "upstream request failed");
                     return Err("upstream_error");
                 }
@@ -1191,26 +1189,6 @@ impl Forward<'_> {
             put(X_NODEGATE_GROUPS, &id.groups.join(","));
         }
     }
-}
-
-/// The absolute URI the pooled client is given for `endpoint` (it picks the connection by
-/// scheme and authority and sends the origin form): the authority the route table formatted
-/// for the endpoint, else formatted now.
-fn upstream_uri(
-    service: &ServiceRoute,
-    scheme: &Scheme,
-    endpoint: SocketAddr,
-    target: PathAndQuery,
-) -> Option<hyper::Uri> {
-    let authority = match service.authority(endpoint) {
-        Some(authority) => authority,
-        None => endpoint.to_string().parse().ok()?,
-    };
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(scheme.clone());
-    parts.authority = Some(authority);
-    parts.path_and_query = Some(target);
-    hyper::Uri::from_parts(parts).ok()
 }
 
 /// HTTP/2 may split `Cookie` into several fields (RFC 9113 §8.2.3); HTTP/1.1 upstreams expect

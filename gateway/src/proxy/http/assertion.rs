@@ -231,15 +231,26 @@ impl AssertionSigner {
         subject: &Subject<'_>,
         request_id: &str,
     ) -> Option<HeaderValue> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs();
+        self.sign_at(now, service, subject, request_id)
+    }
+
+    /// [`Self::sign`] at `now` (Unix seconds), for a caller that has read the clock already.
+    pub fn sign_at(
+        &self,
+        now: u64,
+        service: &str,
+        subject: &Subject<'_>,
+        request_id: &str,
+    ) -> Option<HeaderValue> {
         thread_local! {
             /// The claims of the request at hand, serialized: the cache key, kept only when a
             /// new assertion is cached.
             static KEY: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_secs();
         let stable = Stable {
             iss: &self.config.issuer,
             aud: Audience(&self.config.audience_prefix, service),

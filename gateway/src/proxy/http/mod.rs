@@ -825,6 +825,8 @@ async fn process(
         };
 
         let policy_identity = authn::policy_identity(identity);
+        // One clock read for policy and the assertion.
+        let now = now_unix();
         let mut decision = http.policy.compiled.evaluate(&RequestContext {
             identity: policy_identity,
             workload: policy_workload,
@@ -833,7 +835,7 @@ async fn process(
             method: req.method().as_str(),
             host,
             path: &path,
-            now: now_unix(),
+            now,
         });
         line.rule = decision.rule_id.take();
         line.reason = decision.reason.as_str();
@@ -924,6 +926,7 @@ async fn process(
             identity,
             workload: asserted_workload,
             request_id: id,
+            now: u64::try_from(now).unwrap_or(0),
         };
         match forward.send(conn, req, line).await {
             Ok(resp) => resp,
@@ -1024,6 +1027,8 @@ struct Forward<'a> {
     identity: Option<&'a Identity>,
     workload: Option<AssertedWorkload<'a>>,
     request_id: &'a RequestId,
+    /// Unix seconds, as policy saw them.
+    now: u64,
 }
 
 impl Forward<'_> {
@@ -1164,9 +1169,12 @@ impl Forward<'_> {
                     }
                 }),
             };
-        if let Some(token) =
-            signer.sign(&self.route.service.name, &subject, self.request_id.as_str())
-        {
+        if let Some(token) = signer.sign_at(
+            self.now,
+            &self.route.service.name,
+            &subject,
+            self.request_id.as_str(),
+        ) {
             headers.insert(X_NODEGATE_ASSERTION, token);
         }
         if !self.http.identity_headers {

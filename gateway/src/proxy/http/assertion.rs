@@ -17,9 +17,9 @@
 //! share an assertion, and is cleared when it grows past [`CACHE_MAX`] entries.
 
 use std::{
-    cell::RefCell,
     collections::HashMap,
     fmt,
+    hash::{BuildHasher as _, RandomState},
     sync::{Mutex, PoisonError},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -49,8 +49,16 @@ pub struct AssertionSigner {
     header_b64: String,
     jwks: String,
     config: AssertionConfig,
-    /// The claims without `iat`/`exp`/`jti` (as JSON) → the token signed for them.
-    cache: Mutex<HashMap<Vec<u8>, Reusable>>,
+    /// The tokens signed for claims (without `iat`/`exp`/`jti`), by their hash.
+    cache: Mutex<Cache>,
+    /// Hashes claims for the cache (keyed per process).
+    hasher: RandomState,
+}
+
+#[derive(Default)]
+struct Cache {
+    by_hash: HashMap<u64, Vec<(Claims, Reusable)>>,
+    len: usize,
 }
 
 struct Reusable {
@@ -58,6 +66,73 @@ struct Reusable {
     token: HeaderValue,
     /// Unix seconds after which a fresh one is signed.
     until: u64,
+}
+
+/// What an assertion says but its times and `jti`, borrowed from the request: a reusable
+/// assertion is found by hashing and comparing these fields (no serialization per request).
+#[derive(Hash, PartialEq)]
+struct ClaimsRef<'a> {
+    service: &'a str,
+    kind: &'a str,
+    subject: Option<&'a str>,
+    email: Option<&'a str>,
+    groups: &'a [String],
+    issuer: Option<&'a str>,
+    workload: Option<(&'a str, &'a str, Option<&'a str>)>,
+    client_cert: Option<(&'a str, Option<&'a str>)>,
+}
+
+/// [`ClaimsRef`], owned, kept with the assertion signed for it.
+struct Claims {
+    service: String,
+    kind: String,
+    subject: Option<String>,
+    email: Option<String>,
+    groups: Vec<String>,
+    issuer: Option<String>,
+    workload: Option<(String, String, Option<String>)>,
+    client_cert: Option<(String, Option<String>)>,
+}
+
+impl ClaimsRef<'_> {
+    fn to_owned(&self) -> Claims {
+        let own = |s: Option<&str>| s.map(str::to_owned);
+        Claims {
+            service: self.service.to_owned(),
+            kind: self.kind.to_owned(),
+            subject: own(self.subject),
+            email: own(self.email),
+            groups: self.groups.to_vec(),
+            issuer: own(self.issuer),
+            workload: self
+                .workload
+                .map(|(ns, sa, pod)| (ns.to_owned(), sa.to_owned(), own(pod))),
+            client_cert: self
+                .client_cert
+                .map(|(subject, spiffe)| (subject.to_owned(), own(spiffe))),
+        }
+    }
+}
+
+impl Claims {
+    fn view(&self) -> ClaimsRef<'_> {
+        ClaimsRef {
+            service: &self.service,
+            kind: &self.kind,
+            subject: self.subject.as_deref(),
+            email: self.email.as_deref(),
+            groups: &self.groups,
+            issuer: self.issuer.as_deref(),
+            workload: self
+                .workload
+                .as_ref()
+                .map(|(ns, sa, pod)| (ns.as_str(), sa.as_str(), pod.as_deref())),
+            client_cert: self
+                .client_cert
+                .as_ref()
+                .map(|(subject, spiffe)| (subject.as_str(), spiffe.as_deref())),
+        }
+    }
 }
 
 impl fmt::Debug for AssertionSigner {
@@ -204,7 +279,8 @@ impl AssertionSigner {
             header_b64,
             jwks,
             config,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
+            hasher: RandomState::new(),
         }
     }
 
@@ -246,10 +322,27 @@ impl AssertionSigner {
         subject: &Subject<'_>,
         request_id: &str,
     ) -> Option<HeaderValue> {
-        thread_local! {
-            /// The claims of the request at hand, serialized: the cache key, kept only when a
-            /// new assertion is cached.
-            static KEY: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        let claims = ClaimsRef {
+            service,
+            kind: subject.kind,
+            subject: subject.subject,
+            email: subject.email,
+            groups: subject.groups,
+            issuer: subject.issuer,
+            workload: subject
+                .workload
+                .map(|w| (w.namespace, w.service_account, w.pod)),
+            client_cert: subject.client_cert.map(|c| (c.subject, c.spiffe_id)),
+        };
+        let hash = self.hasher.hash_one(&claims);
+        if let Some((_, hit)) = self
+            .lock()
+            .by_hash
+            .get(&hash)
+            .and_then(|list| list.iter().find(|(c, _)| c.view() == claims))
+            && now < hit.until
+        {
+            return Some(hit.token.clone());
         }
         let stable = Stable {
             iss: &self.config.issuer,
@@ -262,36 +355,29 @@ impl AssertionSigner {
             workload: subject.workload,
             client_cert: subject.client_cert,
         };
-        KEY.with_borrow_mut(|key| {
-            key.clear();
-            // Claims are strings and numbers: serializing them cannot fail.
-            if serde_json::to_writer(&mut *key, &stable).is_err() {
-                key.clear();
-            }
-            if let Some(hit) = self.lock().get(key.as_slice())
-                && now < hit.until
-            {
-                return Some(hit.token.clone());
-            }
-            let token = self.sign_now(key, now, request_id);
-            let token = HeaderValue::from_maybe_shared(Bytes::from(token)).ok()?;
-            let ttl = self.config.ttl.as_secs();
-            let mut cache = self.lock();
-            if cache.len() >= CACHE_MAX {
-                cache.clear();
-            }
-            cache.insert(
-                key.clone(),
-                Reusable {
-                    token: token.clone(),
-                    until: now + ttl / 4,
-                },
-            );
-            Some(token)
-        })
+        // Claims are strings and numbers: serializing them cannot fail.
+        let body = serde_json::to_vec(&stable).unwrap_or_default();
+        let token = self.sign_now(&body, now, request_id);
+        let token = HeaderValue::from_maybe_shared(Bytes::from(token)).ok()?;
+        let reusable = Reusable {
+            token: token.clone(),
+            until: now + self.config.ttl.as_secs() / 4,
+        };
+        let mut cache = self.lock();
+        if cache.len >= CACHE_MAX {
+            *cache = Cache::default();
+        }
+        let list = cache.by_hash.entry(hash).or_default();
+        if let Some(stale) = list.iter_mut().find(|(c, _)| c.view() == claims) {
+            stale.1 = reusable;
+        } else {
+            list.push((claims.to_owned(), reusable));
+            cache.len += 1;
+        }
+        Some(token)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Reusable>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -440,11 +526,58 @@ mod tests {
             "same claims, fresh: reused"
         );
         // Any difference in the claims is another assertion.
-        for other in [
+        let workload = AssertedWorkload {
+            namespace: "ci",
+            service_account: "builder",
+            pod: None,
+        };
+        let cert = AssertedCert {
+            subject: "CN=alice",
+            spiffe_id: None,
+        };
+        let variants = [
+            Subject {
+                email: Some("alice@example.com"),
+                ..subject("alice", &devs)
+            },
+            Subject {
+                workload: Some(workload),
+                ..subject("alice", &devs)
+            },
+            Subject {
+                workload: Some(AssertedWorkload {
+                    pod: Some("builder-0"),
+                    ..workload
+                }),
+                ..subject("alice", &devs)
+            },
+            Subject {
+                client_cert: Some(cert),
+                ..subject("alice", &devs)
+            },
+            Subject {
+                kind: "workload",
+                ..subject("alice", &devs)
+            },
+            Subject {
+                issuer: None,
+                ..subject("alice", &devs)
+            },
+        ];
+        let mut others = vec![
             signer.sign("web", &subject("bob", &devs), "r3").unwrap(),
             signer.sign("web", &subject("alice", &ops), "r4").unwrap(),
             signer.sign("api", &subject("alice", &devs), "r5").unwrap(),
-        ] {
+        ];
+        for variant in &variants {
+            others.push(signer.sign("web", variant, "r7").unwrap());
+        }
+        for (i, other) in others.iter().enumerate() {
+            for earlier in &others[..i] {
+                assert_ne!(other, earlier);
+            }
+        }
+        for other in others {
             assert_ne!(other, a1);
             let (_, claims) = decode(&other);
             assert_ne!(claims["jti"], "r1");
@@ -453,7 +586,12 @@ mod tests {
         assert_eq!(claims["sub"], "alice");
         assert_eq!(claims["jti"], "r1");
         // Stale (a quarter of the ttl has passed): a new one.
-        signer.lock().values_mut().for_each(|r| r.until = 0);
+        signer
+            .lock()
+            .by_hash
+            .values_mut()
+            .flatten()
+            .for_each(|(_, r)| r.until = 0);
         let a3 = signer.sign("web", &subject("alice", &devs), "r6").unwrap();
         assert_ne!(a3, a1);
         assert_eq!(decode(&a3).1["jti"], "r6");
@@ -463,7 +601,8 @@ mod tests {
                 .sign("web", &subject(&i.to_string(), &devs), "x")
                 .unwrap();
         }
-        assert!(signer.lock().len() <= CACHE_MAX);
+        assert!(signer.lock().len <= CACHE_MAX);
+        assert!(signer.lock().by_hash.values().map(Vec::len).sum::<usize>() <= CACHE_MAX);
     }
 
     fn decode(token: &HeaderValue) -> (serde_json::Value, serde_json::Value) {

@@ -278,7 +278,9 @@ impl Authenticator {
         let Some(issuer) = self.issuers.get(index) else {
             return Err(failure.error);
         };
-        match issuer.keys.refetch_unknown_kid(generation).await {
+        // Boxed: the fetch (an HTTP client request) is rare, and its state would otherwise be
+        // part of every request's future (hyper keeps one per connection).
+        match Box::pin(issuer.keys.refetch_unknown_kid(generation)).await {
             Refetch::Updated => self.attempt(token).map_err(|f| f.error),
             Refetch::RateLimited | Refetch::Failed => Err(failure.error),
         }

@@ -755,7 +755,9 @@ async fn process(
             html,
             conn.tls.is_some(),
         );
-        return reserved(line, req, login).await;
+        // Boxed, like the other rare paths: its state would otherwise be part of every
+        // request's future (hyper keeps one per connection).
+        return Box::pin(reserved(line, req, login)).await;
     }
 
     let auth = ctx.auth.load_full();

@@ -87,7 +87,9 @@ impl Client {
         loop {
             let (mut sender, reused) = match self.pool.checkout(key) {
                 Some(sender) => (sender, true),
-                None => (self.connect(key).await?, false),
+                // Boxed: connecting (TCP, TLS handshake) is rare and its state large; every
+                // request's future (hyper keeps one per connection) need not carry it.
+                None => (Box::pin(self.connect(key)).await?, false),
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {

@@ -536,6 +536,13 @@ fn http_pass(quick: bool) -> Result<Value, String> {
     {
         plan.max_for = Duration::from_secs(secs);
     }
+    // `NODEGATE_PEERS_FIXED_SECONDS`: a longer fixed-rate run (to profile at 1000 req/s).
+    if let Some(secs) = env::var("NODEGATE_PEERS_FIXED_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        plan.fixed_for = Duration::from_secs(secs);
+    }
     let only = env::var(ONLY_ENV).unwrap_or_default();
     let only: Vec<&str> = only.split(',').filter(|s| !s.is_empty()).collect();
     let selected =

@@ -860,9 +860,11 @@ fn method(md: &mut String) {
          - The gateway writes one decision line per request (stdout and a file), Envoy and nginx \
            no access log: the gateway's figures include that cost.\n\
          - To profile one proxy under load: `NODEGATE_PEERS_ONLY=gateway,http/1.1 \
-           NODEGATE_PEERS_SECONDS=30 cargo xtask bench http --quick` and, meanwhile, \
+           NODEGATE_PEERS_SECONDS=30 cargo xtask bench http --quick` (and \
+           `NODEGATE_PEERS_FIXED_SECONDS` for a longer run at 1000 req/s) and, meanwhile, \
            `perf record -g -p <gateway pid>` (a build with `CARGO_PROFILE_RELEASE_DEBUG=1` and \
-           `--call-graph dwarf` gives whole stacks).\n"
+           `--call-graph dwarf` gives whole stacks). The gateway's profile: \
+           [PROFILE.md](PROFILE.md).\n"
     );
 }
 

@@ -96,20 +96,25 @@ pub fn init_daemon(decisions_file: Option<&Path>, metrics: &Metrics) -> Result<(
         std::panic::set_hook(Box::new(move |info| {
             previous(info);
             if let Some(log) = DECISION_LOG.get() {
-                log.flush(Some(PANIC_FLUSH_TIMEOUT));
+                log.flush_for_exit(PANIC_FLUSH_TIMEOUT, &mut io::stderr());
             }
         }));
     }
     Ok(())
 }
 
+/// How long the exit flush waits for the sinks to take the pending lines.
+pub const EXIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Writes every decision line logged so far to the sinks and flushes them; returns when they
-/// are written (at once when nothing is pending, or when [`init_daemon`] never ran). Lines
-/// logged meanwhile by other threads may or may not be included. Call it before the process
-/// exits: the flusher thread would not get to them.
+/// are written (at once when nothing is pending, or when [`init_daemon`] never ran), or after
+/// [`EXIT_FLUSH_TIMEOUT`] with a line on stderr saying what is lost (a stdout pipe nobody
+/// reads must not hold the exit for ever). Lines logged meanwhile by other threads may or may
+/// not be included. Call it before the process exits: the flusher thread would not get to
+/// them.
 pub fn flush_decision_log() {
     if let Some(log) = DECISION_LOG.get() {
-        log.flush(None);
+        log.flush_for_exit(EXIT_FLUSH_TIMEOUT, &mut io::stderr());
     }
 }
 

@@ -301,6 +301,34 @@ impl DecisionLog {
         state.flushing -= 1;
         state.written >= target
     }
+
+    /// What has not been written yet: whole lines waiting for the flusher, and the bytes of
+    /// the batch it is writing.
+    pub(super) fn unwritten(&self) -> (u64, usize) {
+        let state = self.0.shared.lock();
+        (count_lines(&state.pending), state.in_flight)
+    }
+
+    /// [`Self::flush`] before the process exits, bounded by `timeout` (a stdout pipe nobody
+    /// reads would hold the exit for ever); what is left is said on `report` (stderr), never
+    /// dropped silently. `false` when lines were left.
+    pub(super) fn flush_for_exit(&self, timeout: Duration, report: &mut dyn Write) -> bool {
+        if self.flush(Some(timeout)) {
+            return true;
+        }
+        if thread::current().id() == self.0.flusher_id {
+            // The flusher itself (panicking): its `Stopped` guard counts what it leaves.
+            return false;
+        }
+        let (lines, in_flight) = self.unwritten();
+        let _ = writeln!(
+            report,
+            "gateway: decision log: not everything was written within {timeout:?} at exit: \
+             {lines} line(s) not yet taken and {in_flight} byte(s) being written are lost (a \
+             sink does not accept writes)"
+        );
+        false
+    }
 }
 
 impl Drop for Owner {
@@ -744,6 +772,44 @@ mod tests {
         let (writes, woken) = (out.writes(), wakeups(&log));
         thread::sleep(Duration::from_millis(100));
         assert_eq!((out.writes(), wakeups(&log)), (writes, woken));
+    }
+
+    #[test]
+    fn the_exit_flush_gives_up_on_a_stuck_sink_and_says_what_is_lost() {
+        let (open, gate) = mpsc::channel();
+        let out = Recorder::default();
+        let mut log = start(
+            &Metrics::new(None),
+            vec![(
+                "stdout",
+                Box::new(Gate {
+                    open: gate,
+                    out: out.clone(),
+                }),
+            )],
+            SLOW,
+        );
+        // Dropped before `log` (whose drop waits for the flusher) if an assertion fails.
+        let open = open;
+        log.write_all(b"{\"a\":1}\n").unwrap();
+        // The first batch is taken and its write waits at the gate; two more lines wait.
+        assert!(!log.flush(Some(Duration::from_millis(50))));
+        log.write_all(b"{\"b\":2}\n{\"c\":3}\n").unwrap();
+        let mut report = Vec::new();
+        let started = Instant::now();
+        assert!(!log.flush_for_exit(Duration::from_millis(100), &mut report));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let report = String::from_utf8(report).unwrap();
+        assert!(
+            report.contains("2 line(s) not yet taken and 8 byte(s) being written are lost"),
+            "{report}"
+        );
+        // Once the sink moves again, everything arrives and the exit flush says nothing.
+        drop(open);
+        let mut report = Vec::new();
+        assert!(log.flush_for_exit(Duration::from_secs(5), &mut report));
+        assert_eq!(String::from_utf8(report).unwrap(), "");
+        assert_eq!(out.text(), "{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n");
     }
 
     #[test]

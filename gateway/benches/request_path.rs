@@ -1,5 +1,6 @@
 //! The userspace cost of one HTTP/1.1 request through the gateway's real request path (framing
-//! guard, hyper, authentication with a cached bearer JWT, a 100-rule policy, the decision line,
+//! guard, hyper, authentication with a cached bearer JWT, a 100-rule policy, the decision line
+//! appended to the daemon's decision log (its flusher thread writes to a file, uncounted),
 //! the identity assertion, the pooled upstream client), in process on 127.0.0.1: a raw
 //! keep-alive client and a fixed-answer backend (both as cheap as they can be) on the same
 //! current-thread runtime, so that what varies is the gateway's share.
@@ -227,6 +228,10 @@ fn setup() -> Setup {
     let jwks = dir.join("jwks.json");
     std::fs::write(&jwks, json!({ "keys": [jwk] }).to_string()).expect("write jwks");
     let token = token(&key);
+    // The decision log as the daemon writes it (to a file: stdout is criterion's).
+    let metrics = Arc::new(Metrics::new(None));
+    gateway::telemetry::init_daemon_sinks(false, Some(&dir.join("decisions.log")), &metrics)
+        .expect("decision log");
     let (client, shutdown) = rt.block_on(async {
         let backend = backend().await;
         let config = config(backend, &jwks);
@@ -251,7 +256,7 @@ fn setup() -> Setup {
             node: config.node.clone(),
             routes,
             orig: Box::new(orig.clone()),
-            metrics: Arc::new(Metrics::new(None)),
+            metrics,
             mark: None,
             http,
         });

@@ -25,7 +25,8 @@ pub type SharedRoutes = Arc<ArcSwap<Routes>>;
 
 #[derive(Debug)]
 pub struct Routes {
-    dests: HashMap<SocketAddr, Route>,
+    /// Looked up on every request: `foldhash`, not std's `SipHash-1-3`.
+    dests: HashMap<SocketAddr, Route, foldhash::quality::RandomState>,
     services: HashMap<u32, Arc<ServiceRoute>>,
     /// Services that terminate TLS, in config order (SNI selection).
     tls_services: Vec<Arc<ServiceRoute>>,
@@ -127,7 +128,7 @@ pub struct Route {
 
 impl Routes {
     pub fn new(config: &Config) -> Self {
-        let mut dests = HashMap::new();
+        let mut dests = HashMap::default();
         let mut services = HashMap::new();
         let mut tls_services = Vec::new();
         for s in &config.services {

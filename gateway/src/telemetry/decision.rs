@@ -1,7 +1,12 @@
 //! The decision log vocabulary and the two kinds of lines (docs/ARCHITECTURE.md, "Decision log
 //! lines"). Fields without a value (no original destination, so no service) are omitted.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    cell::RefCell,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use serde::{Serialize, Serializer};
 
@@ -280,6 +285,12 @@ impl RequestLine {
     }
 
     /// Write the line and count the request.
+    ///
+    /// In the daemon the line is formatted here, once, into a buffer of this thread and
+    /// appended to the decision log as it is: the same bytes the tracing layer
+    /// ([`super::format::DecisionFormat`]) writes for it, without its dispatch, its copies and
+    /// their allocations (together ~7% of the gateway's CPU per request under load: `perf`,
+    /// docs/PROFILE.md). Without the daemon's log (tests, the CLI) it is a tracing event.
     pub fn emit(&self, metrics: &Metrics) {
         metrics.request(
             self.service.as_deref(),
@@ -287,11 +298,19 @@ impl RequestLine {
             self.reason,
             self.latency_us,
         );
+        if let Some(log) = super::decision_log() {
+            LINE.with_borrow_mut(|buf| {
+                buf.clear();
+                self.write_line(buf, SystemTime::now());
+                log.append(buf);
+                // A line far past the usual (a long path, many groups) does not stay around.
+                buf.shrink_to(LINE_KEEP);
+            });
+            return;
+        }
         // Serializing plain strings and numbers cannot fail; an empty object would still be a
         // well-formed line.
-        // Sized for a typical line up front (growing from empty reallocated several times per
-        // request: visible in a profile under load).
-        let mut object = Vec::with_capacity(1024);
+        let mut object = Vec::with_capacity(LINE_KEEP);
         if serde_json::to_writer(&mut object, self).is_err() {
             object.clear();
         }
@@ -300,6 +319,355 @@ impl RequestLine {
             kind = "request",
             { OBJECT_FIELD } = std::str::from_utf8(&object).unwrap_or_default(),
         );
+    }
+
+    /// The whole line, newline included, as the tracing layer formats the event `emit` sends
+    /// without the daemon's log: `timestamp`, `level`, `target`, `kind`, then the members of
+    /// this struct in order.
+    fn write_line(&self, buf: &mut Vec<u8>, now: SystemTime) {
+        buf.extend_from_slice(b"{\"timestamp\":\"");
+        timestamp::write(buf, now);
+        buf.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"");
+        buf.extend_from_slice(DECISION_TARGET.as_bytes());
+        buf.extend_from_slice(b"\",\"kind\":\"request\"");
+        self.write_members(buf);
+        buf.extend_from_slice(b"}\n");
+    }
+
+    /// The members of this struct, each preceded by a comma, exactly as `serde_json` serializes
+    /// them (`Serialize` above: same order, same omissions, same escaping), written by hand:
+    /// `serde_json`'s per-field and per-byte escaping path was 9% of a request's instructions
+    /// (callgrind, `benches/request_path.rs`). The unit test holds the two to the same bytes.
+    fn write_members(&self, buf: &mut Vec<u8>) {
+        let mut out = json::Members::after(buf);
+        out.str("node", &self.node);
+        out.str("request_id", &self.request_id);
+        out.opt_str("service", self.service.as_deref());
+        out.opt_str("mode", self.mode.map(mode_str));
+        out.str("decision", self.decision.as_str());
+        out.str("reason", self.reason);
+        out.opt_str("policy", self.policy.as_deref());
+        out.opt_str("rule", self.rule.as_deref());
+        out.opt_str("policy_version", self.policy_version.as_deref());
+        {
+            let id = &self.identity;
+            let mut inner = out.object("identity");
+            inner.str("kind", id.kind);
+            inner.opt_str("subject", id.subject.as_deref());
+            inner.opt_str("email", id.email.as_deref());
+            if !id.groups.is_empty() {
+                inner.key("groups");
+                inner.buf.push(b'[');
+                for (i, g) in id.groups.iter().enumerate() {
+                    if i > 0 {
+                        inner.buf.push(b',');
+                    }
+                    json::string(inner.buf, g);
+                }
+                inner.buf.push(b']');
+            }
+            inner.opt_str("issuer", id.issuer.as_deref());
+            inner.end();
+        }
+        if let Some(w) = &self.workload {
+            let mut inner = out.object("workload");
+            inner.str("namespace", &w.namespace);
+            inner.str("service_account", &w.service_account);
+            inner.opt_str("pod", w.pod.as_deref());
+            inner.str("from", w.from);
+            inner.end();
+        }
+        if let Some(tls) = &self.tls {
+            // Only on connections the gateway terminated: serde_json as it is.
+            out.key("tls");
+            if serde_json::to_writer(&mut *out.buf, &**tls).is_err() {
+                out.buf.extend_from_slice(b"null");
+            }
+        }
+        out.addr("src", &self.src);
+        if let Some(dst) = &self.dst {
+            out.addr("dst", dst);
+        }
+        if let Some(id) = self.cgroup_id {
+            out.u64("cgroup_id", id);
+        }
+        out.str("protocol", self.protocol);
+        out.opt_str("method", self.method.as_deref());
+        out.opt_str("host", self.host.as_deref());
+        out.opt_str("path", self.path.as_deref());
+        if let Some(upstream) = &self.upstream {
+            out.addr("upstream", upstream);
+        }
+        out.u64("status", u64::from(self.status));
+        out.u64("latency_us", self.latency_us);
+    }
+}
+
+/// JSON written by hand for the request line: what `serde_json` writes, byte for byte.
+mod json {
+    use std::net::SocketAddr;
+
+    /// The members of an object, written one after the other with the commas between them.
+    pub(super) struct Members<'a> {
+        pub(super) buf: &'a mut Vec<u8>,
+        first: bool,
+    }
+
+    impl<'a> Members<'a> {
+        /// More members of an object whose earlier ones are in `buf` already.
+        pub(super) const fn after(buf: &'a mut Vec<u8>) -> Self {
+            Self { buf, first: false }
+        }
+
+        /// `"name":`, after a comma unless it is the object's first member (names are the
+        /// gateway's own: nothing to escape).
+        pub(super) fn key(&mut self, name: &'static str) {
+            if !std::mem::take(&mut self.first) {
+                self.buf.push(b',');
+            }
+            self.buf.push(b'"');
+            self.buf.extend_from_slice(name.as_bytes());
+            self.buf.extend_from_slice(b"\":");
+        }
+
+        pub(super) fn str(&mut self, name: &'static str, value: &str) {
+            self.key(name);
+            string(self.buf, value);
+        }
+
+        pub(super) fn opt_str(&mut self, name: &'static str, value: Option<&str>) {
+            if let Some(value) = value {
+                self.str(name, value);
+            }
+        }
+
+        pub(super) fn u64(&mut self, name: &'static str, value: u64) {
+            self.key(name);
+            let mut digits = [0u8; 20];
+            let mut i = digits.len();
+            let mut n = value;
+            loop {
+                i -= 1;
+                // `n % 10` < 10: the cast cannot truncate.
+                digits[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            self.buf.extend_from_slice(&digits[i..]);
+        }
+
+        pub(super) fn addr(&mut self, name: &'static str, addr: &SocketAddr) {
+            self.key(name);
+            self.buf.push(b'"');
+            match addr {
+                SocketAddr::V4(v4) => {
+                    let mut text = [0u8; super::V4_ADDR_LEN];
+                    let len = super::write_v4(&mut text, *v4);
+                    self.buf.extend_from_slice(&text[..len]);
+                }
+                // Hex digits, `[`, `]`, `:`, `%` and a scope id: nothing to escape.
+                SocketAddr::V6(_) => {
+                    use std::io::Write as _;
+                    let _ = write!(self.buf, "{addr}");
+                }
+            }
+            self.buf.push(b'"');
+        }
+
+        /// A nested object as the value of `name`; [`Self::end`] closes it.
+        pub(super) fn object(&mut self, name: &'static str) -> Members<'_> {
+            self.key(name);
+            self.buf.push(b'{');
+            Members {
+                buf: self.buf,
+                first: true,
+            }
+        }
+
+        pub(super) fn end(self) {
+            self.buf.push(b'}');
+        }
+    }
+
+    /// Whether `serde_json` escapes `b`: `"`, `\` and the control characters below 0x20.
+    pub(super) const fn escaped(b: u8) -> bool {
+        b < 0x20 || b == b'"' || b == b'\\'
+    }
+
+    /// `s` as a JSON string, escaped as `serde_json` escapes it (short forms for `\b \f \n
+    /// \r \t`, `\u00xx` in lowercase hex for the other control characters, everything else
+    /// as is). Checked 8 bytes at a time ([`word_needs_escape`]): strings in a line rarely need
+    /// an escape at all, and then they are copied as they are.
+    pub(super) fn string(buf: &mut Vec<u8>, s: &str) {
+        let bytes = s.as_bytes();
+        buf.reserve(bytes.len() + 2);
+        buf.push(b'"');
+        let mut done = 0;
+        let (words, rest) = bytes.as_chunks::<8>();
+        let mut at = 0;
+        for word in words {
+            if word_needs_escape(u64::from_le_bytes(*word)) {
+                done = escape_from(buf, bytes, done, at, at + 8);
+            }
+            at += 8;
+        }
+        // The last 0-7 bytes, in a copy padded with a plain byte.
+        let mut w = [b'a'; 8];
+        w[..rest.len()].copy_from_slice(rest);
+        if word_needs_escape(u64::from_le_bytes(w)) {
+            done = escape_from(buf, bytes, done, at, bytes.len());
+        }
+        buf.extend_from_slice(&bytes[done..]);
+        buf.push(b'"');
+    }
+
+    /// Whether any of the 8 bytes in `x` is one that `serde_json` escapes: below 0x20, `"` or
+    /// `\`. The exact tests "has a byte less than n" and "has a zero byte" of Bit Twiddling
+    /// Hacks (a byte of 0x80 or more never matches: its high bit is masked by `!x`).
+    pub(super) const fn word_needs_escape(x: u64) -> bool {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        const fn has_zero(v: u64) -> u64 {
+            v.wrapping_sub(ONES) & !v & HIGH
+        }
+        let control = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+        let quote = has_zero(x ^ (ONES * b'"' as u64));
+        let backslash = has_zero(x ^ (ONES * b'\\' as u64));
+        control | quote | backslash != 0
+    }
+
+    /// Escapes the bytes of `bytes[from..to]` that need it, copying what lies between `done`
+    /// and each of them first; returns how far `bytes` is written.
+    fn escape_from(
+        buf: &mut Vec<u8>,
+        bytes: &[u8],
+        mut done: usize,
+        from: usize,
+        to: usize,
+    ) -> usize {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for (i, &b) in bytes[from..to].iter().enumerate() {
+            if !escaped(b) {
+                continue;
+            }
+            buf.extend_from_slice(&bytes[done..from + i]);
+            done = from + i + 1;
+            match b {
+                b'"' => buf.extend_from_slice(b"\\\""),
+                b'\\' => buf.extend_from_slice(b"\\\\"),
+                b'\n' => buf.extend_from_slice(b"\\n"),
+                b'\r' => buf.extend_from_slice(b"\\r"),
+                b'\t' => buf.extend_from_slice(b"\\t"),
+                0x08 => buf.extend_from_slice(b"\\b"),
+                0x0c => buf.extend_from_slice(b"\\f"),
+                _ => buf.extend_from_slice(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(b >> 4)],
+                    HEX[usize::from(b & 0xf)],
+                ]),
+            }
+        }
+        done
+    }
+}
+
+/// Capacity a thread's line buffer keeps between lines (a typical line is 500-800 bytes).
+const LINE_KEEP: usize = 1024;
+
+thread_local! {
+    /// The line being written by this thread (`RequestLine::emit`).
+    static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(LINE_KEEP));
+}
+
+/// The `timestamp` of a decision line: RFC 3339 in UTC with microseconds
+/// (`2026-12-06T16:40:00.123456Z`), as `tracing-subscriber`'s `SystemTime` writes it.
+mod timestamp {
+    use std::{
+        cell::Cell,
+        time::{SystemTime, UNIX_EPOCH},
+    };
+
+    /// `YYYY-MM-DDTHH:MM:SS`
+    const SECOND_LEN: usize = 19;
+
+    thread_local! {
+        /// The last second this thread formatted, and its text: a date is computed once a
+        /// second, not once a line.
+        static SECOND: Cell<(u64, [u8; SECOND_LEN])> = const { Cell::new((u64::MAX, [0; SECOND_LEN])) };
+    }
+
+    pub(super) fn write(buf: &mut Vec<u8>, now: SystemTime) {
+        // Before 1970 (a clock set wrong) the line says 1970: a timestamp is never left out.
+        let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs();
+        let (cached, text) = SECOND.get();
+        let text = if cached == secs {
+            text
+        } else {
+            let text = second_text(secs);
+            SECOND.set((secs, text));
+            text
+        };
+        buf.extend_from_slice(&text);
+        buf.push(b'.');
+        let mut micros = since.subsec_micros();
+        let mut digits = [b'0'; 6];
+        for d in digits.iter_mut().rev() {
+            // `micros % 10` < 10: the cast cannot truncate.
+            *d = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        buf.extend_from_slice(&digits);
+        buf.push(b'Z');
+    }
+
+    fn second_text(secs: u64) -> [u8; SECOND_LEN] {
+        let mut text = [b'0'; SECOND_LEN];
+        let time = i64::try_from(secs)
+            .ok()
+            .and_then(|s| chrono::DateTime::<chrono::Utc>::from_timestamp(s, 0))
+            .unwrap_or_default();
+        let formatted = time.format("%Y-%m-%dT%H:%M:%S").to_string();
+        if formatted.len() == SECOND_LEN {
+            text.copy_from_slice(formatted.as_bytes());
+        }
+        text
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::time::Duration;
+
+        use super::*;
+
+        #[test]
+        fn timestamps_are_rfc3339_utc_with_microseconds_as_chrono_writes_them() {
+            let mut buf = Vec::new();
+            for (secs, nanos) in [
+                (0, 0),
+                (1, 999_999_999),
+                (951_782_400, 1_000),       // 2000-02-29
+                (1_798_761_599, 123_456),   // 2026-12-31T23:59:59
+                (1_798_761_600, 7_000_000), // 2027-01-01
+                (4_102_444_800, 500),       // 2100-01-01
+                (1_798_761_599, 999_999),
+            ] {
+                let at = UNIX_EPOCH + Duration::new(secs, nanos);
+                // Twice: computed, then from the cached second.
+                for _ in 0..2 {
+                    buf.clear();
+                    write(&mut buf, at);
+                    let want = chrono::DateTime::<chrono::Utc>::from(at)
+                        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                    assert_eq!(String::from_utf8_lossy(&buf), want, "{secs}.{nanos:09}");
+                }
+            }
+        }
     }
 }
 
@@ -449,6 +817,14 @@ pub(crate) mod capture {
                 .collect()
         }
 
+        /// Everything written so far, as written.
+        pub(crate) fn raw(&self) -> Vec<u8> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        }
+
         /// A guard installing the capturing subscriber on this thread.
         pub(crate) fn install(&self) -> tracing::subscriber::DefaultGuard {
             let subscriber =
@@ -483,6 +859,148 @@ pub(crate) mod capture {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request line with every kind of member, awkward strings included.
+    fn full_line() -> RequestLine {
+        let mut line = RequestLine::new(
+            "node-a",
+            "req-1".to_owned(),
+            "10.0.0.7:40000".parse().unwrap(),
+            "http/1.1",
+        );
+        line.service = Some("grafana".to_owned());
+        line.mode = Some(Mode::Enforce);
+        line.decision = Decision::Allow;
+        line.reason = "rule_matched";
+        line.policy = Some("grafana".to_owned());
+        line.rule = Some("devs \"read\"".to_owned());
+        line.policy_version = Some("v1".to_owned());
+        line.identity = IdentityLog {
+            kind: "user",
+            subject: Some("alice\n".to_owned()),
+            email: Some("alice@example.com".to_owned()),
+            groups: vec!["devs".to_owned(), "ops\\x".to_owned()],
+            issuer: Some("https://login.example".to_owned()),
+        };
+        line.workload = Some(WorkloadLog {
+            namespace: "team".to_owned(),
+            service_account: "builder".to_owned(),
+            pod: Some("builder-0".to_owned()),
+            from: "token",
+        });
+        line.tls = Some(Arc::new(TlsLog {
+            sni: Some("grafana.example".to_owned()),
+            client_cert: Some(CertIdentity {
+                subject: "CN=builder".to_owned(),
+                dns_sans: vec![],
+                uri_sans: vec!["spiffe://example.org/ns/team/sa/builder".to_owned()],
+                spiffe_id: Some("spiffe://example.org/ns/team/sa/builder".to_owned()),
+            }),
+        }));
+        line.dst = Some("[fe80::1%2]:8080".parse().unwrap());
+        line.cgroup_id = Some(u64::MAX);
+        line.method = Some("GET".to_owned());
+        line.host = Some("grafana.example".to_owned());
+        line.path = Some("/a/\u{1}/é".to_owned());
+        line.upstream = Some("10.1.0.3:3000".parse().unwrap());
+        line.status = 200;
+        line.latency_us = 123;
+        line
+    }
+
+    /// The hand-written strings and numbers are `serde_json`'s, byte for byte: every byte that
+    /// is escaped, at every position around the 16-byte chunks, and UTF-8 beside them.
+    #[test]
+    fn hand_written_json_is_serde_jsons() {
+        let mut corpus: Vec<String> = vec![
+            String::new(),
+            "plain".to_owned(),
+            "é ü 漢字 🦀 \u{7f}".to_owned(),
+            "\"\\".repeat(20),
+        ];
+        for b in (0u8..0x20).chain([b'"', b'\\', 0x7f]) {
+            for at in [0, 1, 6, 7, 8, 9, 14, 15, 16, 17, 23, 24, 31, 32, 40] {
+                let mut text = "a".repeat(at);
+                text.push(char::from(b));
+                text.push_str("é-tail-0123456789");
+                corpus.push(text);
+            }
+        }
+        for text in corpus {
+            let mut buf = Vec::new();
+            json::string(&mut buf, &text);
+            assert_eq!(buf, serde_json::to_vec(&text).unwrap(), "{text:?}");
+        }
+        // Every byte in every position of a word, beside plain and non-ASCII bytes.
+        for b in 0..=255u8 {
+            for at in 0..8 {
+                for fill in [b'a', 0x80, 0xff] {
+                    let mut w = [fill; 8];
+                    w[at] = b;
+                    assert_eq!(
+                        json::word_needs_escape(u64::from_le_bytes(w)),
+                        json::escaped(b),
+                        "{b:#x} at {at} among {fill:#x}"
+                    );
+                }
+            }
+        }
+        for n in [0, 1, 9, 10, 99, 100, 123_456, u64::MAX] {
+            let mut buf = Vec::new();
+            json::Members::after(&mut buf).u64("n", n);
+            assert_eq!(String::from_utf8(buf).unwrap(), format!(",\"n\":{n}"));
+        }
+    }
+
+    /// The daemon's direct line and the tracing event's line are the same bytes but for the
+    /// time: same members, same order, same escaping. Also with every optional member absent.
+    #[test]
+    fn the_direct_line_is_the_line_the_tracing_layer_writes() {
+        let metrics = Metrics::new(None);
+        for line in [
+            full_line(),
+            RequestLine::new("n", String::new(), "[::1]:1".parse().unwrap(), "h2"),
+        ] {
+            let captured = capture::Captured::default();
+            {
+                let _guard = captured.install();
+                line.emit(&metrics);
+            }
+            let traced = captured.raw();
+            let mut direct = Vec::new();
+            line.write_line(&mut direct, SystemTime::now());
+            // `{"timestamp":"2026-12-06T16:40:00.123456Z"` and then the same bytes.
+            let prefix = br#"{"timestamp":""#.len() + "2026-12-06T16:40:00.123456Z\"".len();
+            for bytes in [&traced, &direct] {
+                let text = std::str::from_utf8(bytes).unwrap();
+                assert!(text.starts_with(r#"{"timestamp":""#), "{text}");
+                let time = &text[r#"{"timestamp":""#.len()..prefix - 1];
+                assert!(chrono::DateTime::parse_from_rfc3339(time).is_ok(), "{text}");
+                assert_eq!(text.matches('\n').count(), 1, "{text}");
+                assert!(text.ends_with("}\n"), "{text}");
+            }
+            assert_eq!(
+                String::from_utf8_lossy(&direct[prefix..]),
+                String::from_utf8_lossy(&traced[prefix..]),
+            );
+            let parsed: serde_json::Value = serde_json::from_slice(&direct).unwrap();
+            assert_eq!(parsed["kind"], "request");
+            assert_eq!(parsed["target"], DECISION_TARGET);
+            assert_eq!(parsed["node"], line.node.as_str());
+        }
+        // The awkward strings came through escaped and whole.
+        let mut direct = Vec::new();
+        full_line().write_line(&mut direct, SystemTime::now());
+        let parsed: serde_json::Value = serde_json::from_slice(&direct).unwrap();
+        assert_eq!(parsed["rule"], "devs \"read\"");
+        assert_eq!(parsed["path"], "/a/\u{1}/é");
+        assert_eq!(parsed["identity"]["groups"][1], "ops\\x");
+        assert_eq!(
+            parsed["tls"]["client_cert"]["spiffe_id"],
+            "spiffe://example.org/ns/team/sa/builder"
+        );
+        assert_eq!(parsed["dst"], "[fe80::1%2]:8080");
+    }
 
     #[test]
     fn socket_addresses_are_written_as_display_writes_them() {

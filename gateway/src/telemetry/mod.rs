@@ -61,6 +61,11 @@ pub enum TelemetryError {
 /// The daemon's decision log, for [`flush_decision_log`].
 static DECISION_LOG: OnceLock<sink::DecisionLog> = OnceLock::new();
 
+/// The daemon's decision log, where request lines go directly (`RequestLine::emit`).
+fn decision_log() -> Option<&'static sink::DecisionLog> {
+    DECISION_LOG.get()
+}
+
 /// How long the panic hook waits for the decision log: a panicking thread should not hang on
 /// a stuck sink.
 const PANIC_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -75,7 +80,20 @@ pub fn init_cli(default_directive: &str) -> Result<(), TelemetryError> {
 
 /// Human logs plus the decision log on stdout and, when set, `decisions_file`.
 pub fn init_daemon(decisions_file: Option<&Path>, metrics: &Metrics) -> Result<(), TelemetryError> {
-    let mut sinks = vec![sink::Sink::new("stdout", Box::new(io::stdout()), metrics)];
+    init_daemon_sinks(true, decisions_file, metrics)
+}
+
+/// [`init_daemon`], with the stdout sink optional (`benches/request_path.rs` logs to a file
+/// only, as stdout is criterion's).
+pub fn init_daemon_sinks(
+    stdout: bool,
+    decisions_file: Option<&Path>,
+    metrics: &Metrics,
+) -> Result<(), TelemetryError> {
+    let mut sinks = Vec::new();
+    if stdout {
+        sinks.push(sink::Sink::new("stdout", Box::new(io::stdout()), metrics));
+    }
     if let Some(path) = decisions_file {
         let file = open_append(path)?;
         sinks.push(sink::Sink::new("file", Box::new(file), metrics));

@@ -224,9 +224,9 @@ impl DecisionLog {
         })))
     }
 
-    /// Appends one whole line (the fmt layer hands over a complete line per event). Waits
-    /// while the buffer is past the cap.
-    fn append(&self, line: &[u8]) {
+    /// Appends one whole line (the fmt layer and `RequestLine::emit` hand over a complete line
+    /// each). Waits while the buffer is past the cap.
+    pub(super) fn append(&self, line: &[u8]) {
         let shared = &*self.0.shared;
         let limits = &shared.limits;
         let mut state = shared.lock();

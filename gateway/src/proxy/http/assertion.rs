@@ -19,7 +19,7 @@
 use std::{
     collections::HashMap,
     fmt,
-    hash::{BuildHasher as _, RandomState},
+    hash::BuildHasher as _,
     sync::{Mutex, PoisonError},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -51,8 +51,8 @@ pub struct AssertionSigner {
     config: AssertionConfig,
     /// The tokens signed for claims (without `iat`/`exp`/`jti`), by their hash.
     cache: Mutex<Cache>,
-    /// Hashes claims for the cache (keyed per process).
-    hasher: RandomState,
+    /// Hashes claims for the cache (seeded per process).
+    hasher: foldhash::quality::RandomState,
 }
 
 #[derive(Default)]
@@ -280,7 +280,7 @@ impl AssertionSigner {
             jwks,
             config,
             cache: Mutex::new(Cache::default()),
-            hasher: RandomState::new(),
+            hasher: foldhash::quality::RandomState::default(),
         }
     }
 

@@ -157,7 +157,8 @@ async fn reap(pool: Weak<Pool>) {
 /// Connections that are not carrying a request, by endpoint, the most recently returned last.
 #[derive(Default)]
 struct Pool {
-    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    /// Looked up twice a request: `foldhash`, not std's `SipHash-1-3`.
+    idle: Mutex<HashMap<Key, Vec<Idle>, foldhash::quality::RandomState>>,
 }
 
 struct Idle {
@@ -172,7 +173,7 @@ impl Idle {
 }
 
 impl Pool {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Vec<Idle>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Vec<Idle>, foldhash::quality::RandomState>> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 

@@ -299,13 +299,22 @@ impl RequestLine {
             self.latency_us,
         );
         if let Some(log) = super::decision_log() {
-            LINE.with_borrow_mut(|buf| {
+            let write = |buf: &mut Vec<u8>| {
                 buf.clear();
                 self.write_line(buf, SystemTime::now());
                 log.append(buf);
                 // A line far past the usual (a long path, many groups) does not stay around.
                 buf.shrink_to(LINE_KEEP);
-            });
+            };
+            // A thread whose locals are being torn down (or a line written from within the
+            // write, which nothing does) gets a buffer of its own: never a panic, never a lost
+            // line.
+            let written = LINE
+                .try_with(|cell| cell.try_borrow_mut().map(|mut buf| write(&mut buf)).is_ok())
+                .unwrap_or(false);
+            if !written {
+                write(&mut Vec::with_capacity(LINE_KEEP));
+            }
             return;
         }
         // Serializing plain strings and numbers cannot fail; an empty object would still be a

@@ -506,20 +506,27 @@ async fn invalid_access_policy_is_refused_and_denies_all() {
         "annotation shadowed: warned"
     );
 
-    // One event per change of verdict: InvalidPolicy and InvalidSpec, then Valid.
-    let mut events = events_by_object(&h.api);
-    events.sort();
+    // One event per change of verdict: InvalidPolicy and InvalidSpec, then Valid. An event is
+    // posted after its status write, so the last one may still be on its way: waited for, up
+    // to 3 s, then compared (an extra event would show here as well).
     let own = |name: &str, type_: &str, reason: &str| {
         (name.to_owned(), type_.to_owned(), reason.to_owned())
     };
-    assert_eq!(
-        events,
-        vec![
-            own("garbage", "Warning", "InvalidSpec"),
-            own("web", "Normal", "Valid"),
-            own("web", "Warning", "InvalidPolicy"),
-        ]
-    );
+    let want = vec![
+        own("garbage", "Warning", "InvalidSpec"),
+        own("web", "Normal", "Valid"),
+        own("web", "Warning", "InvalidPolicy"),
+    ];
+    let start = Instant::now();
+    let events = loop {
+        let mut events = events_by_object(&h.api);
+        events.sort();
+        if events.len() >= want.len() || start.elapsed() > Duration::from_secs(3) {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(events, want);
 
     // The status writes do not loop: a few seconds later, no more PATCHes than needed.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -7,7 +7,7 @@
 //! at that position. Only the gateway's own code writes it (never request data as a key), so
 //! the line stays one flat, well-formed object.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 
 use serde_json::Value;
 use tracing::{
@@ -15,13 +15,11 @@ use tracing::{
     field::{Field, Visit},
 };
 use tracing_subscriber::{
-    fmt::{
-        FmtContext, FormatEvent, FormatFields,
-        format::Writer,
-        time::{FormatTime as _, SystemTime},
-    },
+    fmt::{FmtContext, FormatEvent, FormatFields, format::Writer},
     registry::LookupSpan,
 };
+
+use super::json::{self, timestamp};
 
 /// The field whose value (a JSON object, as text) is spliced into the line.
 pub const OBJECT_FIELD: &str = "object";
@@ -40,75 +38,49 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let mut timestamp = String::with_capacity(32);
-        SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
         let meta = event.metadata();
-        let mut line = String::with_capacity(1024);
-        line.push('{');
-        push_str_member(&mut line, "timestamp", &timestamp);
-        line.push(',');
+        let mut line = Vec::with_capacity(1024);
+        line.extend_from_slice(b"{\"timestamp\":\"");
+        timestamp::write(&mut line, std::time::SystemTime::now());
+        line.push(b'"');
+        line.push(b',');
         push_str_member(&mut line, "level", meta.level().as_str());
-        line.push(',');
+        line.push(b',');
         push_str_member(&mut line, "target", meta.target());
         let mut visitor = Members { line: &mut line };
         event.record(&mut visitor);
-        line.push('}');
-        writeln!(writer, "{line}")
+        line.push(b'}');
+        // Whole strings and ASCII escapes between them: always UTF-8.
+        writeln!(writer, "{}", String::from_utf8_lossy(&line))
     }
 }
 
-fn push_member(line: &mut String, key: &str, value: &Value) {
-    push_json_str(line, key);
-    // Serializing a `Value` into a `String` cannot fail.
-    let _ = write!(line, ":{value}");
+fn push_member(line: &mut Vec<u8>, key: &str, value: &Value) {
+    json::string(line, key);
+    line.push(b':');
+    // Serializing a `Value` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *line, value);
 }
 
 /// `"key":"value"`, both escaped as JSON strings.
-fn push_str_member(line: &mut String, key: &str, value: &str) {
-    push_json_str(line, key);
-    line.push(':');
-    push_json_str(line, value);
-}
-
-/// `s` as a JSON string, escaped exactly as `serde_json` escapes it (`"`, `\`, and control
-/// characters; everything else as is), without building a `Value` (an allocation per member
-/// per line otherwise).
-fn push_json_str(line: &mut String, s: &str) {
-    line.push('"');
-    let mut rest = s;
-    while let Some(i) = rest.find(|c: char| c == '"' || c == '\\' || c < ' ') {
-        line.push_str(&rest[..i]);
-        let c = rest[i..].chars().next().unwrap_or(' ');
-        match c {
-            '"' => line.push_str("\\\""),
-            '\\' => line.push_str("\\\\"),
-            '\n' => line.push_str("\\n"),
-            '\r' => line.push_str("\\r"),
-            '\t' => line.push_str("\\t"),
-            '\u{8}' => line.push_str("\\b"),
-            '\u{c}' => line.push_str("\\f"),
-            c => {
-                let _ = write!(line, "\\u{:04x}", u32::from(c));
-            }
-        }
-        rest = &rest[i + c.len_utf8()..];
-    }
-    line.push_str(rest);
-    line.push('"');
+fn push_str_member(line: &mut Vec<u8>, key: &str, value: &str) {
+    json::string(line, key);
+    line.push(b':');
+    json::string(line, value);
 }
 
 struct Members<'a> {
-    line: &'a mut String,
+    line: &'a mut Vec<u8>,
 }
 
 impl Members<'_> {
     fn push(&mut self, field: &Field, value: &Value) {
-        self.line.push(',');
+        self.line.push(b',');
         push_member(self.line, field.name(), value);
     }
 
     fn push_str(&mut self, field: &Field, value: &str) {
-        self.line.push(',');
+        self.line.push(b',');
         push_str_member(self.line, field.name(), value);
     }
 }
@@ -123,8 +95,8 @@ impl Visit for Members<'_> {
                 .and_then(|v| v.strip_suffix('}'))
             {
                 if !body.trim().is_empty() {
-                    self.line.push(',');
-                    self.line.push_str(body);
+                    self.line.push(b',');
+                    self.line.extend_from_slice(body.as_bytes());
                 }
                 return;
             }
@@ -154,27 +126,5 @@ impl Visit for Members<'_> {
             return;
         }
         self.push_str(field, &format!("{value:?}"));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn strings_are_escaped_as_serde_json_does() {
-        for s in [
-            "",
-            "plain",
-            "quote \" and backslash \\",
-            "lines\nand\rtabs\t",
-            "\u{0}\u{1}\u{8}\u{c}\u{1f}\u{7f}",
-            "é ü 漢字 🦀",
-            "/a%2Fb?x=\"y\"",
-        ] {
-            let mut line = String::new();
-            push_json_str(&mut line, s);
-            assert_eq!(line, Value::String(s.to_owned()).to_string(), "{s:?}");
-        }
     }
 }

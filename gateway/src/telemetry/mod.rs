@@ -10,6 +10,7 @@
 pub mod bypass;
 pub mod decision;
 pub mod format;
+mod json;
 pub mod metrics;
 mod sink;
 

@@ -30,6 +30,9 @@ fn oidc_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/oidc")
 }
 
+/// Numbers the cookie secret files of the flows (one each).
+static SECRET_SEQ: AtomicUsize = AtomicUsize::new(0);
+
 /// Scratch files of these tests (provider logs, the cookie secret).
 fn tmp_dir() -> PathBuf {
     std::env::temp_dir()
@@ -95,7 +98,13 @@ impl Idp {
     fn flow(&self, extra_yaml: &str) -> LoginFlow {
         let dir = tmp_dir();
         let dir = dir.as_path();
-        let secret = dir.join(format!("ng-oidc-cookie-secret-{}", std::process::id()));
+        // A file per flow: tests run in parallel, and a write to a shared one (truncate, then
+        // write) could be read empty by another test's flow in between.
+        let seq = SECRET_SEQ.fetch_add(1, Ordering::Relaxed);
+        let secret = dir.join(format!(
+            "ng-oidc-cookie-secret-{}-{seq}",
+            std::process::id()
+        ));
         std::fs::write(&secret, b"0123456789abcdef0123456789abcdef-test-secret\n")
             .expect("writing the cookie secret");
         let yaml = format!(

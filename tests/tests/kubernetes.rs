@@ -13,13 +13,15 @@ mod kube_common;
 use std::time::{Duration, Instant};
 
 use nodegate_tests::harness::{
-    Endpoint, Gateway, KubeApi, KubeletDriver, Node, NodeSpec, Place, Proc, ServiceObject, kube,
+    Endpoint, Gateway, HttpRequest, KubeApi, KubeletDriver, Node, NodeSpec, Place, Proc,
+    ServiceObject, kube,
 };
 use serde_json::{Value, json};
 
 use common::{
-    DROP_TIMEOUT, OK_TIMEOUT, assert_answered, assert_timed_out, bypass_line, counters, dial, s,
-    start, status, tools,
+    DROP_TIMEOUT, OK_TIMEOUT, assert_answered, assert_timed_out, bypass_line, counters, dial,
+    pki::{Ca, dns, write},
+    s, start, status, tools,
 };
 use kube_common::{
     BACKEND_PORT, BUDGET, NS, WEB, allow_accounts, destinations, dests, get, kube_config, median,
@@ -588,4 +590,89 @@ fn connections_and_bypasses_name_the_source_pod_and_workload_rules_use_it() {
     assert_timed_out(&dial(foreign, target, "foreign", DROP_TIMEOUT));
     let line = bypass_line(&c.gw, foreign.ipv4.into(), target, "dropped");
     assert!(line.get("src_pod").is_none(), "{line}");
+}
+
+/// A labelled Service's TLS certificate and Host names come from the config's
+/// `kubernetes.services` entry (its label and `AccessPolicy` cannot carry files): after a
+/// reload of the file (no restart), curl in a pod gets the Service's certificate on its
+/// `ClusterIP`, the `AccessPolicy` decides, and the decision line has the SNI and the pod.
+#[test]
+fn kubernetes_services_settings_terminate_tls_for_a_labelled_service() {
+    const HOST: &str = "web.shop.test";
+    let mut c = Cluster::start("k8stls", KubeletDriver::Cgroupfs, |node| {
+        let mut objs = web_objects(node, &web(node).protected(true), &["web1"]);
+        objs.push(kube::access_policy_object(
+            NS,
+            "web",
+            "web",
+            &allow_accounts(&["client"]),
+        ));
+        objs
+    });
+    let (reply, line) = c.get_from("client", "/plain");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(line["tls"].is_null(), "plain HTTP before: {line}");
+
+    let pki = c.node.dir().join("pki");
+    std::fs::create_dir_all(&pki).expect("pki dir");
+    let ca = Ca::new("Nodegate Test Server CA");
+    write(&pki.join("ca.pem"), &ca.pem);
+    ca.leaf(&pki, "web", HOST, vec![dns(HOST)], false, false);
+    let file = |name: &str| pki.join(name).display().to_string();
+    let kubeconfig = c
+        .api
+        .write_kubeconfig(&c.node)
+        .unwrap_or_else(|e| panic!("writing the kubeconfig: {e}"));
+    let section = kube::set(
+        kube::kubernetes_section(&kubeconfig),
+        "services",
+        json!({"shop/web": {
+            "http": {"hosts": [HOST]},
+            "tls": {"cert_file": file("web.crt"), "key_file": file("web.key")},
+        }}),
+    );
+    c.gw.reload(c.node.gateway_config().section("kubernetes", section))
+        .unwrap_or_else(|e| panic!("reload: {e}"));
+
+    let vip = c.vips()[0];
+    let https = |pod: &str, path: &str| {
+        let resolve = format!("{HOST}:{}:{}", vip.port(), vip.ip());
+        let ca = file("ca.pem");
+        let request = HttpRequest::get(&format!("https://{HOST}:{}{path}", vip.port()))
+            .curl_args(&["--cacert", &ca, "--resolve", &resolve]);
+        send(c.pod(pod), &request)
+    };
+    let reply = nodegate_tests::harness::poll_until(
+        "TLS terminated with the entry's certificate",
+        Duration::from_secs(10),
+        || {
+            let reply = https("client", "/tls");
+            Ok((reply.status == 200).then_some(reply))
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: last {:?}\ngateway stderr:\n{}",
+            https("client", "/tls"),
+            tail(&c.gw.stderr(), 30)
+        )
+    });
+    assert!(
+        reply.body.contains("web1"),
+        "the backend answered: {reply:?}"
+    );
+    let line = request_line(&c.gw, &reply);
+    assert_eq!(s(&line, "service"), WEB, "{line}");
+    assert_eq!(s(&line, "decision"), "allow", "{line}");
+    assert_eq!(line["tls"]["sni"], HOST, "{line}");
+    assert!(names_pod(&line, NS, "client"), "{line}");
+
+    // Over TLS too, the AccessPolicy decides: another service account (no token either) is
+    // refused.
+    let reply = https("other", "/tls");
+    assert_eq!(reply.status, 401, "{reply:?}");
+    let line = request_line(&c.gw, &reply);
+    assert_eq!(s(&line, "decision"), "deny", "{line}");
+    assert_eq!(line["tls"]["sni"], HOST, "{line}");
+    assert!(names_pod(&line, NS, "other"), "{line}");
 }

@@ -19,13 +19,13 @@ use std::{
 use nodegate_tests::harness::{
     Gateway, HttpReply, HttpRequest, Mode, Node, Place, Proc, ServiceConfig,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    SanType,
-};
 use serde_json::{Value, json};
 
-use common::{LOG_TIMEOUT, node, s, start};
+use common::{
+    LOG_TIMEOUT, node,
+    pki::{Ca, dns, uri, write},
+    s, start,
+};
 
 const API: &str = "api.nodegate.test";
 const WEB: &str = "web.nodegate.test";
@@ -35,72 +35,6 @@ const PASS: &str = "pass.nodegate.test";
 const BACKEND: &str = "backend.nodegate.test";
 const ALLOWED: &str = "spiffe://cluster.test/ns/shop/sa/checkout";
 const OTHER: &str = "spiffe://cluster.test/ns/shop/sa/cart";
-
-/// A CA writing PEM files.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().expect("CA key");
-        let cert = params.self_signed(&key).expect("CA certificate");
-        Self {
-            issuer: Issuer::new(params, key),
-            pem: cert.pem(),
-        }
-    }
-
-    /// `<dir>/<name>.crt` and `.key`: a leaf for `cn` with `sans`.
-    fn leaf(
-        &self,
-        dir: &Path,
-        name: &str,
-        cn: &str,
-        sans: Vec<SanType>,
-        client: bool,
-        expired: bool,
-    ) {
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.subject_alt_names = sans;
-        params.extended_key_usages = vec![if client {
-            ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let key = KeyPair::generate().expect("leaf key");
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .expect("leaf certificate");
-        // Key first: a watcher that sees the new key with the old certificate keeps the old pair.
-        write(&dir.join(format!("{name}.key")), &key.serialize_pem());
-        write(&dir.join(format!("{name}.crt")), &cert.pem());
-    }
-}
-
-/// Replaces a file atomically (a reader never sees half of it).
-fn write(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
-    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
-}
-
-fn dns(name: &str) -> SanType {
-    SanType::DnsName(name.try_into().expect("DNS name"))
-}
-
-fn uri(u: &str) -> SanType {
-    SanType::URI(u.try_into().expect("URI"))
-}
 
 /// The scenario: a node, its certificates (in `pki`), the backends and the gateway.
 struct Tls {

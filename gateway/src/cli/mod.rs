@@ -541,5 +541,58 @@ mod tests {
         assert_eq!(k.peers_namespace.as_deref(), Some("nodegate-system"));
         assert!(k.kubeconfig.is_none(), "in-cluster");
         assert!(config.services.is_empty(), "services come from the API");
+        assert!(config.kube_services.is_empty());
+    }
+
+    /// The `ConfigMap`'s commented `kubernetes.services` example, uncommented, has the right
+    /// shape: its only problem here is the certificate that Secret `nodegate-tls` would provide.
+    #[test]
+    fn the_configmaps_services_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemonset/configmap.yaml");
+        let cm: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let text = cm["data"]["config.yaml"]
+            .as_str()
+            .expect("config.yaml in the ConfigMap");
+        let marker = "  # services:";
+        let start = text.find(marker).expect("the services example");
+        let commented: Vec<&str> = text[start..]
+            .lines()
+            .take_while(|l| l.starts_with("  # "))
+            .collect();
+        let end = start + commented.iter().map(|l| l.len() + 1).sum::<usize>();
+        let mut example = String::new();
+        for line in &commented {
+            example.push_str("  ");
+            example.push_str(&line["  # ".len()..]);
+            example.push('\n');
+        }
+        let uncommented = format!("{}{example}{}", &text[..start], &text[end..]);
+        assert!(uncommented.contains("\n  services:\n"), "{uncommented}");
+        let err = Config::parse_overridden(
+            &uncommented,
+            crate::config::Origin::File("/etc/nodegate/config.yaml".into()),
+            &crate::config::Overrides {
+                node: Some("worker-1".into()),
+                proxy_listen: Some("10.0.0.5:15001".into()),
+                peers_namespace: Some("nodegate-system".into()),
+                kubeconfig: None,
+            },
+        )
+        .expect_err("the certificate files are not here");
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("{}", error_chain(&err));
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            problems[0].path,
+            "kubernetes.services[\"monitoring/grafana\"].tls.cert_file"
+        );
+        assert!(
+            problems[0]
+                .message
+                .contains("cannot read /etc/nodegate-tls/grafana.crt"),
+            "{problems:?}"
+        );
     }
 }

@@ -137,6 +137,41 @@ pub struct Config {
     /// The Kubernetes source (`kubernetes:`): protected Services, their endpoints, this node's
     /// pods and `AccessPolicy` objects come from the API server and are merged with the rest.
     pub kubernetes: Option<KubernetesSection>,
+    /// `kubernetes.services`: per protected Service (`namespace/name`), the HTTP settings that
+    /// its label and policy cannot carry (hosts, login, identity headers, TLS). Applied at each
+    /// merge, so a reload changes them without a restart.
+    pub kube_services: BTreeMap<String, KubeServiceSettings>,
+}
+
+/// The settings `kubernetes.services` gives a protected Service, applied when it is an HTTP
+/// service (it has a valid policy). The certificate files are read and checked with the config
+/// and watched like a static service's once the Service is enforced.
+#[derive(Debug, Clone, Serialize)]
+pub struct KubeServiceSettings {
+    pub hosts: Vec<String>,
+    pub identity_headers: bool,
+    pub login: bool,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::proxy::tls::serialize_opt"
+    )]
+    pub tls: Option<Arc<ServerTls>>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::proxy::tls::serialize_opt"
+    )]
+    pub upstream_tls: Option<Arc<UpstreamTls>>,
+}
+
+impl KubeServiceSettings {
+    /// Gives `http` (a Kubernetes service's, built from its policy) these settings.
+    pub fn apply_to(&self, http: &mut HttpService) {
+        http.hosts.clone_from(&self.hosts);
+        http.identity_headers = self.identity_headers;
+        http.login = self.login;
+        http.tls.clone_from(&self.tls);
+        http.upstream_tls.clone_from(&self.upstream_tls);
+    }
 }
 
 /// The `kubernetes:` section.
@@ -670,7 +705,16 @@ impl Config {
         let workloads = parse_workloads(raw.workloads, p);
         let assertion = parse_assertion(raw.assertion, p);
         let login = parse_login(raw.login, &origin, &services, p);
-        let kubernetes = raw.kubernetes.map(|k| parse_kubernetes(k, &origin, p));
+        let (kubernetes, kube_services) = match raw.kubernetes {
+            Some(mut k) => {
+                let settings = std::mem::take(&mut k.services);
+                (
+                    parse_kubernetes(k, &origin, p),
+                    parse_kube_services(settings, login.is_some(), p),
+                )
+            }
+            None => (None, BTreeMap::new()),
+        };
 
         let (node, cgroup, bpffs, proxy, admin, log) =
             (node?, cgroup?, bpffs?, proxy?, admin?, log?);
@@ -689,7 +733,8 @@ impl Config {
             workloads,
             assertion,
             login,
-            kubernetes: kubernetes.flatten(),
+            kubernetes,
+            kube_services,
         })
     }
 }
@@ -1302,20 +1347,35 @@ fn parse_tls(
     }
     // A policy that did not parse was reported already.
     let Some(http) = http else { return };
-    if let Some(raw) = tls {
+    (http.tls, http.upstream_tls) = load_tls(base, tls, upstream, &http.hosts, p);
+}
+
+/// Loads a `tls:` (served for `hosts`) and an `upstream_tls:` section; a problem is reported
+/// under `base` and leaves its half `None`.
+fn load_tls(
+    base: &str,
+    tls: Option<raw::RawTls>,
+    upstream: Option<raw::RawUpstreamTls>,
+    hosts: &[String],
+    p: &mut Problems,
+) -> (Option<Arc<ServerTls>>, Option<Arc<UpstreamTls>>) {
+    let server = tls.and_then(|raw| {
         let loaded = ServerTlsFiles::new(
             raw.cert_file,
             raw.key_file,
             raw.client_ca_file,
             raw.client_cert,
         )
-        .and_then(|files| ServerTls::load(files, http.hosts.clone()));
+        .and_then(|files| ServerTls::load(files, hosts.to_vec()));
         match loaded {
-            Ok(tls) => http.tls = Some(Arc::new(tls)),
-            Err(e) => p.push(format!("{base}.tls.{}", e.field()), e.to_string()),
+            Ok(tls) => Some(Arc::new(tls)),
+            Err(e) => {
+                p.push(format!("{base}.tls.{}", e.field()), e.to_string());
+                None
+            }
         }
-    }
-    if let Some(raw) = upstream {
+    });
+    let upstream = upstream.and_then(|raw| {
         let loaded = UpstreamTls::load(UpstreamTlsFiles {
             ca_file: raw.ca_file,
             server_name: raw.server_name,
@@ -1323,10 +1383,68 @@ fn parse_tls(
             key_file: raw.key_file,
         });
         match loaded {
-            Ok(tls) => http.upstream_tls = Some(Arc::new(tls)),
-            Err(e) => p.push(format!("{base}.upstream_tls.{}", e.field()), e.to_string()),
+            Ok(tls) => Some(Arc::new(tls)),
+            Err(e) => {
+                p.push(format!("{base}.upstream_tls.{}", e.field()), e.to_string());
+                None
+            }
         }
+    });
+    (server, upstream)
+}
+
+/// `kubernetes.services`: keyed by `namespace/name` (RFC 1123 labels); the same `http`, `tls`
+/// and `upstream_tls` keys as a static service, checked the same way.
+fn parse_kube_services(
+    raw: BTreeMap<String, raw::RawKubeService>,
+    has_login: bool,
+    p: &mut Problems,
+) -> BTreeMap<String, KubeServiceSettings> {
+    let mut out = BTreeMap::new();
+    for (key, s) in raw {
+        let base = format!("kubernetes.services[{key:?}]");
+        let named = key
+            .split_once('/')
+            .filter(|(ns, name)| check_dns_label(ns).is_ok() && check_dns_label(name).is_ok());
+        if named.is_none() {
+            p.push(
+                base,
+                "is not `namespace/name` of a Service (lower-case letters, digits and '-')",
+            );
+            continue;
+        }
+        let http = s.http.unwrap_or(raw::RawHttp {
+            hosts: Vec::new(),
+            identity_headers: false,
+            login: false,
+        });
+        let mut hosts = Vec::with_capacity(http.hosts.len());
+        for (i, h) in http.hosts.iter().enumerate() {
+            match parse_host_name(h) {
+                Ok(h) => hosts.push(h),
+                Err(m) => p.push(format!("{base}.http.hosts[{i}]"), m),
+            }
+        }
+        if http.login && !has_login {
+            p.push(
+                format!("{base}.http.login"),
+                "browser login needs the top-level `login:` section (issuer, client_id, \
+                 client_secret or client_secret_file, hosts)",
+            );
+        }
+        let (tls, upstream_tls) = load_tls(&base, s.tls, s.upstream_tls, &hosts, p);
+        out.insert(
+            key,
+            KubeServiceSettings {
+                hosts,
+                identity_headers: http.identity_headers,
+                login: http.login,
+                tls,
+                upstream_tls,
+            },
+        );
     }
+    out
 }
 
 fn parse_host_name(value: &str) -> Result<String, String> {

@@ -46,6 +46,18 @@ pub(super) struct RawKubernetes {
     pub peers_namespace: Option<String>,
     pub write_status: Option<bool>,
     pub debounce_ms: Option<u64>,
+    /// Per protected Service (`namespace/name`): what its label and policy do not say.
+    #[serde(default)]
+    pub services: BTreeMap<String, RawKubeService>,
+}
+
+/// `kubernetes.services.<namespace/name>`: the same keys as a static HTTP service's.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKubeService {
+    pub http: Option<RawHttp>,
+    pub tls: Option<RawTls>,
+    pub upstream_tls: Option<RawUpstreamTls>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -688,3 +688,89 @@ fn kubernetes_section_and_command_line_overrides() {
     assert_eq!(plain.restart_required(&other), ["kubernetes"]);
     assert!(parse(GOOD).unwrap().kubernetes.is_none());
 }
+
+#[test]
+fn kubernetes_services_settings_are_checked_and_reload_without_a_restart() {
+    let with = |entries: &str| format!("{GOOD}kubernetes:\n  services:\n{entries}");
+    let c = parse(&with(
+        "    monitoring/grafana: { http: { hosts: [Grafana.Example.Com], identity_headers: true } }\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let grafana = &c.kube_services["monitoring/grafana"];
+    assert_eq!(grafana.hosts, ["grafana.example.com"]);
+    assert!(grafana.identity_headers && !grafana.login);
+    assert!(grafana.tls.is_none() && grafana.upstream_tls.is_none());
+    // A changed entry is applied by the next merge, not by a restart.
+    let changed = parse(&with(
+        "    monitoring/grafana: { http: { hosts: [grafana.example.org] } }\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.restart_required(&changed), [] as [&str; 0]);
+
+    for (entries, field, message) in [
+        (
+            "    grafana: {}\n",
+            "kubernetes.services[\"grafana\"]",
+            "is not `namespace/name`",
+        ),
+        (
+            "    Monitoring/grafana: {}\n",
+            "kubernetes.services[\"Monitoring/grafana\"]",
+            "is not `namespace/name`",
+        ),
+        (
+            "    monitoring/graf/ana: {}\n",
+            "kubernetes.services[\"monitoring/graf/ana\"]",
+            "is not `namespace/name`",
+        ),
+        (
+            "    monitoring/grafana: { http: { login: true } }\n",
+            "kubernetes.services[\"monitoring/grafana\"].http.login",
+            "needs the top-level `login:` section",
+        ),
+        (
+            "    monitoring/grafana: { http: { hosts: [\"bad host\"] } }\n",
+            "kubernetes.services[\"monitoring/grafana\"].http.hosts[0]",
+            "",
+        ),
+        (
+            "    monitoring/grafana: { tls: { cert_file: g.crt, key_file: /etc/g.key } }\n",
+            "kubernetes.services[\"monitoring/grafana\"].tls.cert_file",
+            "must be an absolute path",
+        ),
+        (
+            "    monitoring/grafana: { tls: { cert_file: /nonexistent/g.crt, key_file: /nonexistent/g.key } }\n",
+            "kubernetes.services[\"monitoring/grafana\"].tls.cert_file",
+            "cannot read /nonexistent/g.crt",
+        ),
+        (
+            "    monitoring/grafana: { upstream_tls: { ca_file: /nonexistent/ca.pem } }\n",
+            "kubernetes.services[\"monitoring/grafana\"].upstream_tls.ca_file",
+            "cannot read /nonexistent/ca.pem",
+        ),
+        (
+            "    monitoring/grafana: { policy: { allow: [] } }\n",
+            "policy",
+            "unknown field",
+        ),
+    ] {
+        match parse(&with(entries)) {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                assert!(
+                    problems
+                        .iter()
+                        .any(|p| p.path == field && p.message.contains(message)),
+                    "{entries}: {problems:?}"
+                );
+            }
+            Err(other) => {
+                let err = crate::cli::error_chain(&other);
+                assert!(
+                    err.contains(field) && err.contains(message),
+                    "{entries}: {err}"
+                );
+            }
+            Ok(_) => panic!("{entries}: accepted"),
+        }
+    }
+}

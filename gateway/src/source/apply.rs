@@ -6,8 +6,10 @@
 //!   (`namespace/name`), id [`service_id`] of that name. The proxy gets its *ready* endpoints;
 //!   the kernel guards ready and not-ready ones ([`Merged::desired`]): a pod that is starting
 //!   or draining is as reachable around the gateway as a ready one.
-//! - A valid policy makes it an HTTP service (any Host, no identity headers, no browser login);
-//!   [`PolicyBinding::DenyAll`] makes it an L4 service whose rule allows no source.
+//! - A valid policy makes it an HTTP service: any Host, no identity headers, no browser login,
+//!   no TLS termination, unless the config's `kubernetes.services` entry of that name says
+//!   otherwise ([`crate::config::KubeServiceSettings`]); [`PolicyBinding::DenyAll`] makes it an
+//!   L4 service whose rule allows no source.
 //! - A static service keeps its place: a Kubernetes service whose id or destinations clash with
 //!   it is left out, with a warning (the static config is the operator's explicit word).
 //! - Gateways: the static list ∪ the peers of the snapshot ∪ this gateway's proxy address.
@@ -87,8 +89,22 @@ pub fn merge(base: &Config, snapshot: &Snapshot, cgroup_root: &Path) -> Merged {
             continue;
         }
         dests.extend(svc.vips.iter().copied().chain(svc.guarded_endpoints()));
-        let (http, warning) = http_of(svc);
+        let (mut http, warning) = http_of(svc);
         warnings.extend(warning);
+        if let Some(settings) = base.kube_services.get(&name) {
+            match http.as_mut() {
+                Some(http) => settings.apply_to(http),
+                None => warnings.push(format!(
+                    "{}: its kubernetes.services settings are not applied: it has no valid \
+                     policy ({}), so it allows nothing",
+                    svc.key,
+                    match &svc.policy {
+                        PolicyBinding::DenyAll(reason) => reason.to_string(),
+                        PolicyBinding::Policy { source, .. } => format!("{source} is invalid"),
+                    }
+                )),
+            }
+        }
         config.services.push(Service {
             id,
             name,
@@ -309,6 +325,58 @@ mod tests {
         // The routes accept it (ids and destinations unique).
         let routes = Routes::new(&m.config);
         assert!(routes.service(web.id).is_some());
+    }
+
+    #[test]
+    fn kubernetes_services_settings_apply_to_http_services_only() {
+        let base = Config::parse(
+            "node: node-a\ncgroup: /sys/fs/cgroup\nproxy: { listen: 10.0.0.1:15001 }\n\
+             gateways: [10.0.0.9]\n\
+             kubernetes:\n  services:\n\
+             \x20   shop/web: { http: { hosts: [Web.Shop.Test, \"*.web.test\"], identity_headers: true } }\n\
+             \x20   shop/db: { http: { hosts: [db.shop.test] } }\n",
+            Origin::Embedded,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut db = svc("db", PolicyBinding::DenyAll(DenyReason::NoPolicy));
+        db.vips = vec!["10.96.1.2:80".parse().unwrap()];
+        db.endpoints = vec!["10.2.0.3:8080".parse().unwrap()];
+        db.not_ready_endpoints.clear();
+        let other = ProtectedService {
+            key: ObjectKey::new("shop", "other"),
+            vips: vec!["10.96.1.3:80".parse().unwrap()],
+            endpoints: vec!["10.2.0.4:8080".parse().unwrap()],
+            not_ready_endpoints: Vec::new(),
+            ..svc("other", allow_devs())
+        };
+        let m = merge(
+            &base,
+            &snapshot(vec![svc("web", allow_devs()), db, other]),
+            Path::new("/nonexistent"),
+        );
+        let by_name = |n: &str| m.config.services.iter().find(|s| s.name == n).unwrap();
+        let web = by_name("shop/web").http.as_ref().expect("http");
+        assert_eq!(web.hosts, ["web.shop.test", "*.web.test"]);
+        assert!(web.identity_headers && !web.login);
+        assert!(web.serves_host(Some("WEB.shop.test:80")));
+        assert!(!web.serves_host(Some("other.shop.test")));
+        // Without an entry: any Host, no identity headers.
+        let other = by_name("shop/other").http.as_ref().expect("http");
+        assert!(other.hosts.is_empty() && !other.identity_headers);
+        // Deny-all stays deny-all, and the log says why its settings do nothing.
+        assert!(by_name("shop/db").http.is_none());
+        assert_eq!(m.warnings.len(), 1, "{:?}", m.warnings);
+        assert!(
+            m.warnings[0].starts_with("shop/db: its kubernetes.services settings are not applied")
+                && m.warnings[0].contains("no AccessPolicy"),
+            "{:?}",
+            m.warnings
+        );
+        assert!(
+            Routes::new(&m.config)
+                .service(service_id("shop/web"))
+                .is_some()
+        );
     }
 
     #[test]

@@ -464,6 +464,81 @@ async fn sni_selects_the_service_its_certificate_and_policy() {
     assert!(err.to_string().contains("not valid for name"), "{err}");
 }
 
+/// A protected Service from Kubernetes (no `tls:` of its own: its label and policy cannot say
+/// it) terminates TLS with the certificate its `kubernetes.services` entry names.
+#[tokio::test]
+async fn a_kubernetes_service_terminates_tls_with_its_kubernetes_services_settings() {
+    use crate::source::{
+        apply,
+        model::{ObjectKey, PolicyBinding, PolicySource, ProtectedService, Snapshot},
+    };
+    let pki = Pki::new();
+    let base = format!(
+        "node: node-t\ncgroup: /sys/fs/cgroup\nproxy:\n  listen: 127.0.0.2:15001\n  connect_timeout_ms: 1000\n\
+         gateways: [127.0.0.1]\nkubernetes:\n  services:\n\
+         \x20   shop/web:\n      http: {{ hosts: [{WEB}] }}\n\
+         \x20     tls: {{ cert_file: \"{}\", key_file: \"{}\", client_ca_file: \"{}\", client_cert: optional }}\n",
+        pki.path("web.crt"),
+        pki.path("web.key"),
+        pki.path("clients-ca.pem"),
+    );
+    let base = Config::parse(&base, Origin::Embedded).unwrap_or_else(|e| panic!("{e}\n{base}"));
+    let key = ObjectKey::new("shop", "web");
+    let web = ProtectedService {
+        key: key.clone(),
+        mode: crate::ebpf::Mode::Enforce,
+        vips: vec![WEB_VIP.parse().unwrap()],
+        endpoints: vec![backend("web", None).await],
+        not_ready_endpoints: Vec::new(),
+        policy: PolicyBinding::Policy {
+            source: PolicySource::AccessPolicy("web".into()),
+            document: serde_yaml::from_str(POLICY.trim_start().trim_start_matches("policy:"))
+                .unwrap(),
+        },
+        warnings: Vec::new(),
+    };
+    let snapshot = Snapshot {
+        services: [(key, web)].into(),
+        pods: std::collections::BTreeMap::new(),
+        gateways: Vec::new(),
+    };
+    let merged = apply::merge(&base, &snapshot, Path::new("/nonexistent"));
+    assert!(merged.warnings.is_empty(), "{:?}", merged.warnings);
+    let p = Proxy::start(&merged.config).await;
+
+    let s = p
+        .tls(&pki, WEB_VIP, WEB, None, &[b"http/1.1"])
+        .await
+        .unwrap();
+    assert_eq!(server_names(&s), [WEB]);
+    let (status, body) = get(s, WEB, "/public/x", &[]).await;
+    assert_eq!((status, body["backend"].as_str()), (200, Some("web")));
+    let line = &p.lines("request", 1).await[0];
+    assert_eq!(line["service"], "shop/web", "{line}");
+    assert_eq!(line["rule"], "public", "{line}");
+    assert_eq!(line["tls"]["sni"], WEB, "{line}");
+
+    // The client certificate is an identity for the AccessPolicy's `spiffe_id` rule.
+    let builder = Pki::client(&pki.clients, ALLOWED, false);
+    let s = p
+        .tls(&pki, WEB_VIP, WEB, Some(builder), &[b"h2"])
+        .await
+        .unwrap();
+    let (status, _) = get(s, WEB, "/private", &[]).await;
+    assert_eq!(status, 200);
+    let line = &p.lines("request", 2).await[1];
+    assert_eq!(line["rule"], "builder", "{line}");
+    assert_eq!(line["tls"]["client_cert"]["spiffe_id"], ALLOWED, "{line}");
+
+    // Another Host than the entry's hosts: 421, as for a static service.
+    let s = p
+        .tls(&pki, WEB_VIP, WEB, None, &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (status, _) = get(s, "elsewhere.example.test", "/public/x", &[]).await;
+    assert_eq!(status, 421);
+}
+
 #[tokio::test]
 async fn client_certificates_are_identities_for_policy_and_refused_when_invalid() {
     let pki = Pki::new();

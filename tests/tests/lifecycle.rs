@@ -298,6 +298,32 @@ fn detach_removes_everything() {
     let backend = b.serve(8080, "b").expect("backend");
     let gw = start(&node, config(&node, vec![web(&node, Mode::Enforce)]));
     assert_one_copy_each(&node.pods_cgroup());
+
+    // While it runs, the pins are this gateway's: a second gateway on them and a detach are
+    // refused, naming the process, and nothing changes.
+    let pins = format!(
+        "another gateway is running on the pin directory {} (pid {})",
+        node.bpffs().display(),
+        gw.pid()
+    );
+    let config_path = gw.config_path().display().to_string();
+    let bpffs = node.bpffs().display().to_string();
+    for args in [
+        vec!["run", "--config", &config_path],
+        vec!["detach", "--bpffs", &bpffs],
+    ] {
+        let out = gw
+            .cli(&args)
+            .unwrap_or_else(|e| panic!("gateway {args:?}: {e}"));
+        assert!(
+            out.status.is_some_and(|s| !s.success()),
+            "{args:?}: {out:?}"
+        );
+        assert!(out.stderr.contains(&pins), "{args:?}: {}", out.stderr);
+    }
+    assert_one_copy_each(&node.pods_cgroup());
+    assert!(gw.is_running(), "{}", gw.stderr());
+
     gw.stop(Duration::from_secs(10))
         .expect("SIGTERM stops the gateway");
     assert!(node.bpffs().exists(), "pins stay after the daemon stops");

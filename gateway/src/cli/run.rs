@@ -27,7 +27,7 @@ use crate::{
     admin::{AdminServer, Readiness},
     auth::{AuthObserver, Authenticator},
     config::{CgroupDriverSetting, Config, KubernetesSection, Overrides},
-    ebpf::{BypassEvents, Datapath, DatapathOptions},
+    ebpf::{BypassEvents, Datapath, DatapathOptions, PinLock},
     proxy::{
         self, Routes, SharedRoutes,
         http::{AssertionSigner, BrowserLogin, HttpContext, LoginFlow, SharedAuth},
@@ -51,6 +51,8 @@ pub(super) fn run(path: Option<&Path>, overrides: &Overrides) -> Result<(), CliE
     // Dropped last, on every return: the decision lines still pending are written.
     let _flush = telemetry::FlushDecisionLogOnDrop;
     let (config, metrics) = load_config(path, overrides)?;
+    // Before anything is bound or attached: a second gateway on these pins stops here.
+    let _pins = claim_pins(&config.bpffs)?;
 
     // The assertion key lives as long as the process; backends fetch its JWKS from the admin port.
     let signer = Arc::new(AssertionSigner::generate(config.assertion.clone()));
@@ -181,6 +183,14 @@ fn load_config(
 }
 
 /// Attach the programs and open the event stream (the maps are synced by the reloader).
+/// One gateway per pin directory ([`PinLock`]), held until `run` returns.
+fn claim_pins(bpffs: &Path) -> Result<PinLock, CliError> {
+    PinLock::acquire(bpffs).map_err(CliError::ebpf(format!(
+        "cannot claim the pin directory {}",
+        bpffs.display()
+    )))
+}
+
 fn start_datapath(
     config: &Config,
     readiness: &Readiness,

@@ -15,7 +15,7 @@ use gateway_common::{
 use super::{
     EbpfError, Mode,
     links::{self, HOOKS},
-    loader::is_permission_error,
+    loader::{PinLock, is_permission_error},
     maps::{
         self, NG_BYPASS, NG_DESTS, NG_GATEWAYS, NG_ORIG, NG_PENDING, NG_PROXY, NG_SERVICE_META,
         NG_STATS,
@@ -223,12 +223,13 @@ pub fn status(bpffs: &Path) -> Result<Status, EbpfError> {
 ///
 /// Only this gateway's pins are removed (the four links and the `NG_*` maps), so a wrong
 /// `--bpffs` cannot wipe other software's pins. Idempotent: a missing directory or pin is
-/// not an error.
+/// not an error. Refused while a gateway runs on `bpffs` (it holds the [`PinLock`]).
 pub fn detach(bpffs: &Path) -> Result<DetachReport, EbpfError> {
     let mut report = DetachReport::default();
     if !bpffs.exists() {
         return Ok(report);
     }
+    let _lock = PinLock::acquire(bpffs)?;
     let links_dir = links::links_dir(bpffs);
     for hook in HOOKS {
         // A replacement link left by a start that died between pinning and renaming.

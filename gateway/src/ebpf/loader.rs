@@ -90,6 +90,64 @@ pub fn prepare_bpffs(bpffs: &Path) -> Result<(), EbpfError> {
     })
 }
 
+/// The exclusive claim of one gateway on its pin directory: a `flock` on the directory, held
+/// for as long as this value lives (the kernel releases it when the process dies, however it
+/// dies). `gateway run` takes it before anything else; `gateway detach` takes it too, so that
+/// it never pulls the programs out from under a running gateway.
+#[derive(Debug)]
+pub struct PinLock {
+    _dir: File,
+}
+
+impl PinLock {
+    /// Prepares `bpffs` ([`prepare_bpffs`]) and locks it, or says which process holds it.
+    pub fn acquire(bpffs: &Path) -> Result<Self, EbpfError> {
+        prepare_bpffs(bpffs)?;
+        let dir = File::open(bpffs).map_err(|source| EbpfError::Io {
+            context: format!("opening {}", bpffs.display()),
+            source,
+        })?;
+        match dir.try_lock() {
+            Ok(()) => Ok(Self { _dir: dir }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(EbpfError::PinsInUse {
+                path: bpffs.to_path_buf(),
+                holder: lock_holder(&dir),
+            }),
+            Err(std::fs::TryLockError::Error(source)) => Err(EbpfError::Io {
+                context: format!("locking {}", bpffs.display()),
+                source,
+            }),
+        }
+    }
+}
+
+/// The process holding the `flock` on `dir`, from `/proc/locks` (best effort: `None` when it is
+/// not listed, e.g. in another PID namespace).
+fn lock_holder(dir: &File) -> Option<u32> {
+    let meta = dir.metadata().ok()?;
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    holder_in(&locks, meta.dev(), meta.ino())
+}
+
+/// `/proc/locks` lines: `1: FLOCK  ADVISORY  WRITE 1234 00:1e:5678 0 EOF` (major:minor in hex).
+fn holder_in(locks: &str, dev: u64, ino: u64) -> Option<u32> {
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    locks.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        // A lock others wait for is listed after the holder with `->`.
+        if f.nth(1)? != "FLOCK" {
+            return None;
+        }
+        let pid = f.nth(2)?.parse().ok()?;
+        let mut id = f.next()?.split(':');
+        let (ma, mi, i) = (id.next()?, id.next()?, id.next()?);
+        let same = u32::from_str_radix(ma, 16).ok()? == major
+            && u32::from_str_radix(mi, 16).ok()? == minor
+            && i.parse::<u64>().ok()? == ino;
+        same.then_some(pid)
+    })
+}
+
 /// Opens the cgroup v2 directory and returns it with its id (the directory's inode number:
 /// on cgroup2 that is the kernfs node id the kernel reports as cgroup id).
 pub fn open_cgroup(path: &Path) -> Result<(File, u64), EbpfError> {
@@ -330,6 +388,57 @@ mod tests {
 
         let err = open_cgroup(Path::new("/tmp")).unwrap_err();
         assert!(matches!(err, EbpfError::NotCgroup2 { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn one_gateway_per_pin_directory() {
+        struct Remove(PathBuf);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let dir = PathBuf::from(format!("/sys/fs/bpf/ng-unit-lock-{}", std::process::id()));
+        // Left by a killed run of this test.
+        let _ = std::fs::remove_dir_all(&dir);
+        let _cleanup = Remove(dir.clone());
+        let first = PinLock::acquire(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let err = PinLock::acquire(&dir).unwrap_err();
+        let EbpfError::PinsInUse { holder, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(*holder, Some(std::process::id()), "{err}");
+        assert!(
+            err.to_string().contains(&format!(
+                "another gateway is running on the pin directory {} (pid {})",
+                dir.display(),
+                std::process::id()
+            )),
+            "{err}"
+        );
+        drop(first);
+        let _again = PinLock::acquire(&dir).unwrap_or_else(|e| panic!("released: {e}"));
+        assert!(matches!(
+            PinLock::acquire(Path::new("/tmp/ng-unit-not-bpffs/pins")),
+            Err(EbpfError::BpffsNotMounted { .. })
+        ));
+    }
+
+    #[test]
+    fn lock_holders_are_read_from_proc_locks() {
+        let locks = "1: POSIX  ADVISORY  WRITE 77 00:1e:42 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 1234 00:1e:5678 0 EOF\n\
+                     2: -> FLOCK  ADVISORY  WRITE 999 00:1e:5678 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 4321 fd:01:5678 0 EOF\n";
+        assert_eq!(holder_in(locks, libc::makedev(0, 0x1e), 5678), Some(1234));
+        assert_eq!(holder_in(locks, libc::makedev(0xfd, 1), 5678), Some(4321));
+        assert_eq!(
+            holder_in(locks, libc::makedev(0, 0x1e), 42),
+            None,
+            "POSIX lock"
+        );
+        assert_eq!(holder_in(locks, libc::makedev(0, 0x1f), 5678), None);
+        assert_eq!(holder_in("garbage\n1: FLOCK\n", 0, 0), None);
     }
 
     #[test]

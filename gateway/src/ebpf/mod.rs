@@ -27,7 +27,7 @@ use std::{
 use aya::maps::{HashMap, IterableMap as _, MapData, RingBuf};
 use gateway_common::SockKey;
 
-pub use self::events::BypassEvents;
+pub use self::{events::BypassEvents, loader::PinLock};
 
 /// Default pin directory.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/nodegate";
@@ -108,6 +108,14 @@ pub enum EbpfError {
         #[source]
         source: Box<aya::pin::PinError>,
     },
+
+    #[error(
+        "another gateway is running on the pin directory {path}{}: two gateways on one pin \
+         directory would replace each other's programs and overwrite each other's maps; stop it \
+         first (or give this one its own `bpffs`)",
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    PinsInUse { path: PathBuf, holder: Option<u32> },
 
     #[error(
         "no pinned gateway state in {path}: the gateway never ran with this bpffs directory, or \

@@ -198,6 +198,11 @@ impl Routes {
         })
     }
 
+    /// Every service, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceRoute>> {
+        self.services.values()
+    }
+
     /// Services that terminate TLS, in config order.
     pub fn tls_services(&self) -> &[Arc<ServiceRoute>] {
         &self.tls_services

@@ -10,11 +10,11 @@
 //!   certificate verified against `client_ca_file`) → ALPN h2 | http/1.1 → the HTTP path
 //! ```
 //!
-//! Certificates and keys are read at config load (a bad file is a config error naming the
-//! field) and again whenever their content changes ([`watch`], polled every second like the
-//! config file): a good new pair is swapped in atomically for new handshakes; a bad one is
-//! logged and the running one kept. Established connections keep the certificate they were
-//! opened with. Everything goes through rustls with the ring provider (the one TLS stack).
+//! Certificates, keys and CAs (`tls` and `upstream_tls`) are read at config load (a bad file
+//! is a config error naming the field) and again whenever their content changes ([`watch`],
+//! polled every second like the config file): good new content is swapped in atomically for
+//! new handshakes; bad content is logged and the running files kept. Established connections
+//! (and pooled backend connections) keep what they were opened with. Everything goes through rustls with the ring provider (the one TLS stack).
 
 mod accept;
 pub mod upstream;
@@ -300,9 +300,7 @@ pub struct ServerTls {
     files: ServerTlsFiles,
     /// The service's `http.hosts`: the SNI names it answers to when set.
     hosts: Vec<String>,
-    current: ArcSwap<Loaded>,
-    /// Fingerprint of file content that failed to load (warned about once).
-    failed: Mutex<Option<u64>>,
+    current: Reloadable<Loaded>,
 }
 
 /// One load of the files.
@@ -313,6 +311,12 @@ struct Loaded {
     fingerprint: u64,
 }
 
+impl Fingerprinted for Loaded {
+    fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+}
+
 /// What a re-read of the files found.
 #[derive(Debug)]
 pub enum Refresh {
@@ -320,6 +324,87 @@ pub enum Refresh {
     Reloaded,
     /// New content that does not load: the running certificate is kept.
     Failed(TlsError),
+}
+
+/// What one load of a section's files made, with the fingerprint of their content.
+trait Fingerprinted {
+    fn fingerprint(&self) -> u64;
+}
+
+/// A TLS section's files, loaded, and reloaded when their content changes: the current load
+/// (swapped atomically for new handshakes) and the fingerprint of new content that did not
+/// load (reported once, retried when the content changes again).
+struct Reloadable<L> {
+    current: ArcSwap<L>,
+    failed: Mutex<Option<u64>>,
+}
+
+impl<L: Fingerprinted> Reloadable<L> {
+    fn new(loaded: L) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(loaded),
+            failed: Mutex::new(None),
+        }
+    }
+
+    fn load(&self) -> arc_swap::Guard<Arc<L>> {
+        self.current.load()
+    }
+
+    /// Re-reads the files (`read`: their contents and fingerprint) and swaps in what `build`
+    /// makes of new content.
+    fn refresh(
+        &self,
+        read: impl FnOnce() -> Result<(Vec<Vec<u8>>, u64), TlsError>,
+        build: impl FnOnce(&[Vec<u8>], u64) -> Result<L, TlsError>,
+    ) -> Refresh {
+        let result = read().and_then(|(contents, fingerprint)| {
+            let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+            if fingerprint == self.current.load().fingerprint() {
+                *failed = None;
+                return Ok(None);
+            }
+            if *failed == Some(fingerprint) {
+                return Ok(None);
+            }
+            match build(&contents, fingerprint) {
+                Ok(loaded) => {
+                    *failed = None;
+                    Ok(Some(loaded))
+                }
+                Err(err) => {
+                    *failed = Some(fingerprint);
+                    Err(err)
+                }
+            }
+        });
+        match result {
+            Ok(None) => Refresh::Unchanged,
+            Ok(Some(loaded)) => {
+                self.current.store(Arc::new(loaded));
+                Refresh::Reloaded
+            }
+            // An unreadable file (mid-replacement, or removed) is retried every poll but
+            // reported once.
+            Err(err @ TlsError::Read { .. }) => {
+                let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+                if *failed == Some(0) {
+                    Refresh::Unchanged
+                } else {
+                    *failed = Some(0);
+                    Refresh::Failed(err)
+                }
+            }
+            Err(err) => Refresh::Failed(err),
+        }
+    }
+}
+
+/// The fingerprint of files' contents (in a fixed order).
+fn fingerprint(contents: &[Vec<u8>]) -> u64 {
+    let mut h = DefaultHasher::new();
+    contents.hash(&mut h);
+    h.finish()
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -346,9 +431,8 @@ fn read_all(files: &ServerTlsFiles) -> Result<(Vec<Vec<u8>>, u64), TlsError> {
     if let Some(ca) = &files.client_ca_file {
         contents.push(read("client_ca_file", ca)?);
     }
-    let mut h = DefaultHasher::new();
-    contents.hash(&mut h);
-    Ok((contents, h.finish()))
+    let fingerprint = fingerprint(&contents);
+    Ok((contents, fingerprint))
 }
 
 /// Always the one certificate (SNI has chosen the service before the handshake).
@@ -369,8 +453,7 @@ impl ServerTls {
         Ok(Self {
             files,
             hosts,
-            current: ArcSwap::from_pointee(loaded),
-            failed: Mutex::new(None),
+            current: Reloadable::new(loaded),
         })
     }
 
@@ -404,45 +487,10 @@ impl ServerTls {
 
     /// Re-reads the files; swaps in new content that loads.
     pub fn refresh(&self) -> Refresh {
-        let result = read_all(&self.files).and_then(|(contents, fingerprint)| {
-            let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
-            if fingerprint == self.current.load().fingerprint {
-                *failed = None;
-                return Ok(None);
-            }
-            if *failed == Some(fingerprint) {
-                return Ok(None);
-            }
-            match build(&self.files, &self.hosts, &contents, fingerprint) {
-                Ok(loaded) => {
-                    *failed = None;
-                    Ok(Some(loaded))
-                }
-                Err(err) => {
-                    *failed = Some(fingerprint);
-                    Err(err)
-                }
-            }
-        });
-        match result {
-            Ok(None) => Refresh::Unchanged,
-            Ok(Some(loaded)) => {
-                self.current.store(Arc::new(loaded));
-                Refresh::Reloaded
-            }
-            // An unreadable file (mid-replacement, or removed) is retried every poll but
-            // reported once.
-            Err(err @ TlsError::Read { .. }) => {
-                let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
-                if *failed == Some(0) {
-                    Refresh::Unchanged
-                } else {
-                    *failed = Some(0);
-                    Refresh::Failed(err)
-                }
-            }
-            Err(err) => Refresh::Failed(err),
-        }
+        self.current.refresh(
+            || read_all(&self.files),
+            |contents, fingerprint| build(&self.files, &self.hosts, contents, fingerprint),
+        )
     }
 }
 
@@ -513,7 +561,8 @@ pub fn serialize_opt<S: serde::Serializer, T: Serialize>(
     }
 }
 
-/// Re-reads every TLS service's files once per [`RELOAD_POLL`] and swaps in what changed,
+/// Re-reads every HTTP service's TLS files (`tls` and `upstream_tls`) once per [`RELOAD_POLL`]
+/// and swaps in what changed,
 /// until `shutdown`. The live route table is read on each round, so services added by a config
 /// reload are watched too.
 pub async fn watch(routes: SharedRoutes, mut shutdown: watch::Receiver<bool>) {
@@ -527,23 +576,16 @@ pub async fn watch(routes: SharedRoutes, mut shutdown: watch::Receiver<bool>) {
         let table = routes.load_full();
         // Small files, but still file I/O: off the proxy's worker threads.
         let checked = tokio::task::spawn_blocking(move || {
-            for service in table.tls_services() {
-                let Some(tls) = service.http.as_ref().and_then(|h| h.tls.as_ref()) else {
+            for service in table.services() {
+                let Some(http) = service.http.as_ref() else {
                     continue;
                 };
-                match tls.refresh() {
-                    Refresh::Unchanged => {}
-                    Refresh::Reloaded => tracing::info!(
-                        service = %service.name,
-                        cert_file = %tls.files().cert_file.display(),
-                        "TLS certificate reloaded: new connections use it, open ones keep theirs"
-                    ),
-                    Refresh::Failed(err) => tracing::warn!(
-                        service = %service.name,
-                        field = err.field(),
-                        error = %err,
-                        "TLS files changed but do not load: keeping the running certificate"
-                    ),
+                if let Some(tls) = &http.tls {
+                    report(&service.name, "tls", &tls.files().cert_file, tls.refresh());
+                }
+                if let Some(upstream) = &http.upstream_tls {
+                    let ca = &upstream.files().ca_file;
+                    report(&service.name, "upstream_tls", ca, upstream.refresh());
                 }
             }
         })
@@ -551,5 +593,25 @@ pub async fn watch(routes: SharedRoutes, mut shutdown: watch::Receiver<bool>) {
         if let Err(err) = checked {
             tracing::warn!(error = %err, "TLS file check failed");
         }
+    }
+}
+
+/// Logs what a re-read of a service's `section` (`tls`, `upstream_tls`) found.
+fn report(service: &str, section: &'static str, file: &Path, refresh: Refresh) {
+    match refresh {
+        Refresh::Unchanged => {}
+        Refresh::Reloaded => tracing::info!(
+            service,
+            section,
+            file = %file.display(),
+            "TLS files reloaded: new connections use them, open and pooled ones keep theirs"
+        ),
+        Refresh::Failed(err) => tracing::warn!(
+            service,
+            section,
+            field = err.field(),
+            error = %err,
+            "TLS files changed but do not load: keeping the running ones"
+        ),
     }
 }

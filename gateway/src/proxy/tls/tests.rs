@@ -698,6 +698,67 @@ async fn backend_tls_is_verified_against_the_configured_ca() {
     assert_eq!(line["decision"], "deny", "{line}");
 }
 
+/// `upstream_tls.ca_file` replaced while the gateway runs (a backend CA rotation): the next
+/// new backend connection verifies against the new CA; a CA file that does not load keeps the
+/// running one.
+#[tokio::test]
+async fn a_replaced_upstream_ca_applies_to_new_backend_connections() {
+    let pki = Pki::new();
+    // The backend's certificate comes from the other CA, which the gateway does not trust yet.
+    let (cert, key) = pki.other.leaf(
+        "backend",
+        vec![SanType::IpAddress("127.0.0.1".parse().unwrap())],
+        false,
+        false,
+    );
+    let cert = write(&pki.dir, "b.crt", &cert);
+    let key = write(&pki.dir, "b.key", &key);
+    let ca_file = write(&pki.dir, "backend-ca.pem", &pki.ca.pem);
+    let upstream = format!(
+        "    upstream_tls: {{ ca_file: \"{}\" }}\n",
+        ca_file.display()
+    );
+    let cfg = config(
+        &pki,
+        backend("web", None).await,
+        backend("rotated", Some((&cert, &key))).await,
+        &upstream,
+    );
+    let p = Proxy::start(&cfg).await;
+    let client = || Some(Pki::client(&pki.clients, ALLOWED, false));
+    let s = p.tls(&pki, API_VIP, API, client(), &[]).await.unwrap();
+    assert_eq!(get(s, API, "/x", &[]).await.0, 502);
+    let line = &p.lines("request", 1).await[0];
+    assert_eq!(line["reason"], "upstream_cert_invalid", "{line}");
+
+    // Garbage first: refused, the running CA stays (still 502, not a plaintext or unverified
+    // connection).
+    std::fs::write(&ca_file, "not a CA\n").unwrap();
+    tokio::time::sleep(super::RELOAD_POLL * 2).await;
+    let s = p.tls(&pki, API_VIP, API, client(), &[]).await.unwrap();
+    assert_eq!(get(s, API, "/x", &[]).await.0, 502);
+
+    // The new CA: new backend connections verify against it.
+    let tmp = pki.dir.join("backend-ca.tmp");
+    std::fs::write(&tmp, &pki.other.pem).unwrap();
+    std::fs::rename(&tmp, &ca_file).unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let s = p.tls(&pki, API_VIP, API, client(), &[]).await.unwrap();
+        let (status, body) = get(s, API, "/x", &[]).await;
+        if status == 200 {
+            assert_eq!(body["backend"], "rotated");
+            break;
+        }
+        assert_eq!(status, 502);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new upstream CA was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn replaced_certificate_files_apply_to_new_connections_only() {
     let pki = Pki::new();

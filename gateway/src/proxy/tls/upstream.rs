@@ -17,7 +17,10 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use super::{TlsError, absolute, certified_key, provider, read, roots};
+use super::{
+    Fingerprinted, Refresh, Reloadable, TlsError, absolute, certified_key, fingerprint, provider,
+    read, roots,
+};
 
 /// The files and names of a service's `upstream_tls:` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -33,11 +36,24 @@ pub struct UpstreamTlsFiles {
     pub key_file: Option<PathBuf>,
 }
 
-/// TLS to a service's backends, loaded.
+/// TLS to a service's backends, loaded; its files are re-read when they change (the [`super::watch`]
+/// loop), and new connections use what loaded last (pooled ones keep their session).
 pub struct UpstreamTls {
     files: UpstreamTlsFiles,
     server_name: Option<ServerName<'static>>,
+    current: Reloadable<Loaded>,
+}
+
+/// One load of the files.
+struct Loaded {
     connector: TlsConnector,
+    fingerprint: u64,
+}
+
+impl Fingerprinted for Loaded {
+    fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -63,6 +79,16 @@ impl UpstreamTls {
         ] {
             absolute(field, path)?;
         }
+        if files.cert_file.is_some() != files.key_file.is_some() {
+            return Err(TlsError::Setting {
+                field: if files.cert_file.is_some() {
+                    "key_file"
+                } else {
+                    "cert_file"
+                },
+                why: "a client certificate needs both `cert_file` and `key_file`".into(),
+            });
+        }
         let server_name = files
             .server_name
             .as_deref()
@@ -73,51 +99,25 @@ impl UpstreamTls {
                 })
             })
             .transpose()?;
-        let provider = provider();
-        let ca = read("ca_file", &files.ca_file)?;
-        let roots = roots("ca_file", &files.ca_file, &ca)?;
-        let builder = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Setting {
-                field: "ca_file",
-                why: e.to_string(),
-            })?
-            .with_root_certificates(roots);
-        let mut config = match (&files.cert_file, &files.key_file) {
-            (None, None) => builder.with_no_client_auth(),
-            (Some(cert), Some(key)) => {
-                let certified = certified_key(
-                    &provider,
-                    (cert, &read("cert_file", cert)?),
-                    (key, &read("key_file", key)?),
-                    ("cert_file", "key_file"),
-                )?;
-                builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
-                    certified,
-                )))
-            }
-            (Some(_), None) | (None, Some(_)) => {
-                return Err(TlsError::Setting {
-                    field: if files.cert_file.is_some() {
-                        "key_file"
-                    } else {
-                        "cert_file"
-                    },
-                    why: "a client certificate needs both `cert_file` and `key_file`".into(),
-                });
-            }
-        };
-        // The pooled upstream client speaks HTTP/1.1.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let (contents, fingerprint) = read_all(&files)?;
+        let loaded = build(&files, &contents, fingerprint)?;
         Ok(Self {
             files,
             server_name,
-            connector: TlsConnector::from(Arc::new(config)),
+            current: Reloadable::new(loaded),
         })
     }
 
     pub fn files(&self) -> &UpstreamTlsFiles {
         &self.files
+    }
+
+    /// Re-reads the files; swaps in new content that loads.
+    pub fn refresh(&self) -> Refresh {
+        self.current.refresh(
+            || read_all(&self.files),
+            |contents, fingerprint| build(&self.files, contents, fingerprint),
+        )
     }
 
     /// The TLS handshake over a connected socket to `endpoint`.
@@ -130,11 +130,60 @@ impl UpstreamTls {
             .server_name
             .clone()
             .unwrap_or_else(|| ServerName::IpAddress(IpAddr::to_canonical(&endpoint.ip()).into()));
-        self.connector
+        let connector = self.current.load().connector.clone();
+        connector
             .connect(name, stream)
             .await
             .map_err(|source| UpstreamTlsFailure { endpoint, source })
     }
+}
+
+/// The contents of the files (CA, then the client certificate and key if any) and their
+/// fingerprint.
+fn read_all(files: &UpstreamTlsFiles) -> Result<(Vec<Vec<u8>>, u64), TlsError> {
+    let mut contents = vec![read("ca_file", &files.ca_file)?];
+    if let (Some(cert), Some(key)) = (&files.cert_file, &files.key_file) {
+        contents.push(read("cert_file", cert)?);
+        contents.push(read("key_file", key)?);
+    }
+    let fingerprint = fingerprint(&contents);
+    Ok((contents, fingerprint))
+}
+
+fn build(
+    files: &UpstreamTlsFiles,
+    contents: &[Vec<u8>],
+    fingerprint: u64,
+) -> Result<Loaded, TlsError> {
+    let provider = provider();
+    let roots = roots("ca_file", &files.ca_file, &contents[0])?;
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Setting {
+            field: "ca_file",
+            why: e.to_string(),
+        })?
+        .with_root_certificates(roots);
+    let mut config = match (&files.cert_file, &files.key_file, contents.get(1..3)) {
+        (Some(cert), Some(key), Some([cert_pem, key_pem])) => {
+            let certified = certified_key(
+                &provider,
+                (cert, cert_pem),
+                (key, key_pem),
+                ("cert_file", "key_file"),
+            )?;
+            builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+                certified,
+            )))
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    // The pooled upstream client speaks HTTP/1.1.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Loaded {
+        connector: TlsConnector::from(Arc::new(config)),
+        fingerprint,
+    })
 }
 
 /// A failed TLS handshake with a backend (carried through the pooled client's error).

@@ -1364,6 +1364,7 @@ fn load_tls(
             raw.cert_file,
             raw.key_file,
             raw.client_ca_file,
+            raw.client_crl_file,
             raw.client_cert,
         )
         .and_then(|files| ServerTls::load(files, hosts.to_vec()));

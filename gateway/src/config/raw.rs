@@ -145,6 +145,7 @@ pub(super) struct RawTls {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     pub client_ca_file: Option<PathBuf>,
+    pub client_crl_file: Option<PathBuf>,
     pub client_cert: Option<ClientCertMode>,
 }
 

@@ -51,6 +51,8 @@ pub enum Reason {
     ClientCertRequired,
     /// The client certificate did not verify (another CA, expired, not for client auth).
     ClientCertInvalid,
+    /// The client certificate is listed in the service's `client_crl_file`.
+    ClientCertRevoked,
 }
 
 impl Reason {
@@ -65,6 +67,7 @@ impl Reason {
             Self::TlsHandshakeFailed => "tls_handshake_failed",
             Self::ClientCertRequired => "client_cert_required",
             Self::ClientCertInvalid => "client_cert_invalid",
+            Self::ClientCertRevoked => "client_cert_revoked",
         }
     }
 }

@@ -77,6 +77,9 @@ fn handshake_reason(err: &io::Error) -> Reason {
         .and_then(|e| e.downcast_ref::<rustls::Error>())
     {
         Some(rustls::Error::NoCertificatesPresented) => Reason::ClientCertRequired,
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => {
+            Reason::ClientCertRevoked
+        }
         Some(rustls::Error::InvalidCertificate(_)) => Reason::ClientCertInvalid,
         _ => Reason::TlsHandshakeFailed,
     }

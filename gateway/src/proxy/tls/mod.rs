@@ -37,7 +37,9 @@ use rustls::{
     server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+use rustls_pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject as _,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -143,24 +145,37 @@ pub struct ServerTlsFiles {
     pub key_file: PathBuf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_ca_file: Option<PathBuf>,
+    /// Revoked client certificates: PEM CRLs of the CA(s) of `client_ca_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_crl_file: Option<PathBuf>,
     pub client_cert: ClientCertMode,
 }
 
 impl ServerTlsFiles {
-    /// Checks the combination: `client_cert` needs `client_ca_file`, which defaults it to
-    /// `required`; paths are absolute.
+    /// Checks the combination: `client_cert` and `client_crl_file` need `client_ca_file`,
+    /// which defaults `client_cert` to `required`; paths are absolute.
     pub fn new(
         cert_file: PathBuf,
         key_file: PathBuf,
         client_ca_file: Option<PathBuf>,
+        client_crl_file: Option<PathBuf>,
         client_cert: Option<ClientCertMode>,
     ) -> Result<Self, TlsError> {
         for (field, path) in [
             ("cert_file", Some(&cert_file)),
             ("key_file", Some(&key_file)),
             ("client_ca_file", client_ca_file.as_ref()),
+            ("client_crl_file", client_crl_file.as_ref()),
         ] {
             absolute(field, path)?;
+        }
+        if client_crl_file.is_some() && client_ca_file.is_none() {
+            return Err(TlsError::Setting {
+                field: "client_crl_file",
+                why: "needs `client_ca_file`: revocation lists are for the client certificates \
+                      verified against it"
+                    .into(),
+            });
         }
         let client_cert = match (&client_ca_file, client_cert) {
             (None, None | Some(ClientCertMode::None)) => ClientCertMode::None,
@@ -187,6 +202,7 @@ impl ServerTlsFiles {
             cert_file,
             key_file,
             client_ca_file,
+            client_crl_file,
             client_cert,
         })
     }
@@ -237,6 +253,22 @@ pub(crate) fn certificates(
         });
     }
     Ok(certs)
+}
+
+/// Every CRL of a PEM file (at least one).
+fn crls(path: &Path, pem: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let invalid = |why: String| TlsError::Invalid {
+        field: "client_crl_file",
+        path: path.to_path_buf(),
+        why,
+    };
+    let crls = CertificateRevocationListDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(e.to_string()))?;
+    if crls.is_empty() {
+        return Err(invalid("holds no PEM `X509 CRL`".into()));
+    }
+    Ok(crls)
 }
 
 /// A trust store of the certificates in a PEM file.
@@ -430,6 +462,9 @@ fn read_all(files: &ServerTlsFiles) -> Result<(Vec<Vec<u8>>, u64), TlsError> {
     ];
     if let Some(ca) = &files.client_ca_file {
         contents.push(read("client_ca_file", ca)?);
+        if let Some(crl) = &files.client_crl_file {
+            contents.push(read("client_crl_file", crl)?);
+        }
     }
     let fingerprint = fingerprint(&contents);
     Ok((contents, fingerprint))
@@ -525,10 +560,25 @@ fn build(
             } else {
                 builder
             };
-            builder.build().map_err(|e| TlsError::Invalid {
-                field: "client_ca_file",
-                path: path.clone(),
-                why: e.to_string(),
+            let builder = match (&files.client_crl_file, contents.get(3)) {
+                // The end-entity certificate is checked; one whose issuer has no list here is
+                // refused (unknown status), never let through.
+                (Some(crl_path), Some(pem)) => builder
+                    .with_crls(crls(crl_path, pem)?)
+                    .only_check_end_entity_revocation(),
+                _ => builder,
+            };
+            builder.build().map_err(|e| match e {
+                rustls::server::VerifierBuilderError::InvalidCrl(why) => TlsError::Invalid {
+                    field: "client_crl_file",
+                    path: files.client_crl_file.clone().unwrap_or_default(),
+                    why: format!("{why:?}"),
+                },
+                e => TlsError::Invalid {
+                    field: "client_ca_file",
+                    path: path.clone(),
+                    why: e.to_string(),
+                },
             })?
         }
         _ => WebPkiClientVerifier::no_client_auth(),

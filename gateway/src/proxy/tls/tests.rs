@@ -66,7 +66,20 @@ impl Ca {
 
     /// A leaf: (certificate PEM, key PEM).
     fn leaf(&self, cn: &str, sans: Vec<SanType>, client: bool, expired: bool) -> (String, String) {
+        self.leaf_numbered(cn, sans, client, expired, None)
+    }
+
+    /// A leaf with the given serial number.
+    fn leaf_numbered(
+        &self,
+        cn: &str,
+        sans: Vec<SanType>,
+        client: bool,
+        expired: bool,
+        serial: Option<u64>,
+    ) -> (String, String) {
         let mut params = CertificateParams::default();
+        params.serial_number = serial.map(rcgen::SerialNumber::from);
         params.distinguished_name.push(DnType::CommonName, cn);
         params.subject_alt_names = sans;
         params.extended_key_usages = vec![if client {
@@ -81,6 +94,30 @@ impl Ca {
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
+    }
+
+    /// A CRL (PEM) of this CA revoking the certificates with the `revoked` serial numbers.
+    fn crl(&self, number: u64, revoked: &[u64]) -> String {
+        rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2025, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(*serial),
+                    revocation_time: rcgen::date_time_ymd(2026, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.issuer)
+        .unwrap()
+        .pem()
+        .unwrap()
     }
 }
 
@@ -151,7 +188,17 @@ impl Pki {
         spiffe: &str,
         expired: bool,
     ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let (cert, key) = ca.leaf("client", vec![uri(spiffe)], true, expired);
+        Self::numbered_client(ca, spiffe, expired, None)
+    }
+
+    /// A client certificate and key signed by `ca`, with a serial number.
+    fn numbered_client(
+        ca: &Ca,
+        spiffe: &str,
+        expired: bool,
+        serial: Option<u64>,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let (cert, key) = ca.leaf_numbered("client", vec![uri(spiffe)], true, expired, serial);
         (
             vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
             PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
@@ -638,6 +685,94 @@ async fn client_certificates_are_identities_for_policy_and_refused_when_invalid(
     assert_eq!(p.lines("request", 3).await.len(), 3);
 }
 
+/// `client_crl_file`: a revoked client certificate is refused at the handshake
+/// (`client_cert_revoked`), another one of the same CA is served, and a new list (re-read like
+/// the other TLS files) revokes the next one.
+#[tokio::test]
+async fn revoked_client_certificates_are_refused() {
+    const KEPT: u64 = 0x1001;
+    const REVOKED: u64 = 0x1002;
+    let pki = Pki::new();
+    let crl = write(&pki.dir, "clients.crl", &pki.clients.crl(1, &[REVOKED]));
+    let text = format!(
+        "node: node-t\ncgroup: /sys/fs/cgroup\nproxy:\n  listen: 127.0.0.2:15001\n  connect_timeout_ms: 1000\n\
+         gateways: [127.0.0.1]\nservices:\n\
+         \x20 - name: web\n    vips: [\"{WEB_VIP}\"]\n    endpoints: [\"{}\"]\n\
+         \x20   http: {{ hosts: [{WEB}] }}\n\
+         \x20   tls: {{ cert_file: \"{}\", key_file: \"{}\", client_ca_file: \"{}\", client_crl_file: \"{}\" }}\n{POLICY}\n",
+        backend("web", None).await,
+        pki.path("web.crt"),
+        pki.path("web.key"),
+        pki.path("clients-ca.pem"),
+        crl.display(),
+    );
+    let cfg = Config::parse(&text, Origin::Embedded).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let p = Proxy::start(&cfg).await;
+    let kept = || {
+        Some(Pki::numbered_client(
+            &pki.clients,
+            ALLOWED,
+            false,
+            Some(KEPT),
+        ))
+    };
+    let revoked = || {
+        Some(Pki::numbered_client(
+            &pki.clients,
+            ALLOWED,
+            false,
+            Some(REVOKED),
+        ))
+    };
+
+    let s = p.tls(&pki, WEB_VIP, WEB, kept(), &[]).await.unwrap();
+    assert_eq!(get(s, WEB, "/x", &[]).await.0, 200);
+    assert_eq!(p.lines("request", 1).await[0]["rule"], "builder");
+
+    // Refused at the handshake (TLS 1.3: seen on the client's first read), and logged.
+    let refused = |n: usize| {
+        let p = &p;
+        async move {
+            let line = p.lines("connection", n).await[n - 1].clone();
+            assert_eq!(line["decision"], "deny", "{line}");
+            assert_eq!(line["reason"], "client_cert_revoked", "{line}");
+            assert!(line["detail"].to_string().contains("Revoked"), "{line}");
+        }
+    };
+    if let Ok(s) = p.tls(&pki, WEB_VIP, WEB, revoked(), &[]).await {
+        assert!(get_refused(s).await, "a revoked certificate was served");
+    }
+    refused(1).await;
+
+    // A new list revokes the other one too: new handshakes with it are refused.
+    write(
+        &pki.dir,
+        "clients.crl",
+        &pki.clients.crl(2, &[REVOKED, KEPT]),
+    );
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut served = 1;
+    loop {
+        let answered = match p.tls(&pki, WEB_VIP, WEB, kept(), &[]).await {
+            Ok(s) => !get_refused(s).await,
+            Err(_) => false,
+        };
+        if !answered {
+            break;
+        }
+        served += 1;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new CRL was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    refused(2).await;
+    // Nothing refused was passed on: a request line for each request served, no more.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(p.lines("request", served).await.len(), served);
+}
+
 /// Sends a request on a connection the server is about to refuse; whether it failed.
 async fn get_refused(s: TlsStream<TcpStream>) -> bool {
     let Ok((mut send, conn)) =
@@ -820,12 +955,6 @@ fn tls_config_errors_name_the_field() {
     let (other_cert, _) = pki.ca.leaf("x", vec![dns("x.test")], false, false);
     let other = write(&pki.dir, "other.crt", &other_cert);
     let garbage = write(&pki.dir, "garbage.pem", "not pem at all\n");
-    let base = |tls: &str| {
-        format!(
-            "node: n\ncgroup: /sys/fs/cgroup\nproxy: {{ listen: \"127.0.0.2:15001\" }}\ngateways: [127.0.0.1]\n\
-             services:\n  - name: web\n    vips: [\"{WEB_VIP}\"]\n    endpoints: [\"10.1.0.1:80\"]\n{tls}{POLICY}\n"
-        )
-    };
     let cases = [
         (
             format!(
@@ -886,18 +1015,60 @@ fn tls_config_errors_name_the_field() {
         ),
     ];
     for (tls, field, message) in cases {
-        let text = base(&tls);
-        match Config::parse(&text, Origin::Embedded) {
-            Err(ConfigError::Invalid { problems, .. }) => {
-                assert_eq!(problems.len(), 1, "{problems:?}");
-                assert_eq!(problems[0].path, field, "{problems:?}");
-                assert!(problems[0].message.contains(message), "{problems:?}");
-            }
-            other => panic!("{tls}: {other:?}"),
+        assert_one_problem(&tls, field, message);
+    }
+}
+
+/// A config with service `web` whose `tls`/`upstream_tls` lines are `tls`.
+fn config_with_tls(tls: &str) -> String {
+    format!(
+        "node: n\ncgroup: /sys/fs/cgroup\nproxy: {{ listen: \"127.0.0.2:15001\" }}\ngateways: [127.0.0.1]\n\
+         services:\n  - name: web\n    vips: [\"{WEB_VIP}\"]\n    endpoints: [\"10.1.0.1:80\"]\n{tls}{POLICY}\n"
+    )
+}
+
+#[track_caller]
+fn assert_one_problem(tls: &str, field: &str, message: &str) {
+    match Config::parse(&config_with_tls(tls), Origin::Embedded) {
+        Err(ConfigError::Invalid { problems, .. }) => {
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].path, field, "{problems:?}");
+            assert!(problems[0].message.contains(message), "{problems:?}");
         }
+        other => panic!("{tls}: {other:?}"),
+    }
+}
+
+#[test]
+fn crl_and_policy_config_errors_name_the_field() {
+    let pki = Pki::new();
+    let garbage = write(&pki.dir, "garbage.pem", "not pem at all\n");
+    for (tls, field, message) in [
+        (
+            format!(
+                "    tls: {{ cert_file: \"{}\", key_file: \"{}\", client_crl_file: /etc/c.crl }}\n",
+                pki.path("web.crt"),
+                pki.path("web.key")
+            ),
+            "services[0].tls.client_crl_file",
+            "needs `client_ca_file`",
+        ),
+        (
+            format!(
+                "    tls: {{ cert_file: \"{}\", key_file: \"{}\", client_ca_file: \"{}\", client_crl_file: \"{}\" }}\n",
+                pki.path("web.crt"),
+                pki.path("web.key"),
+                pki.path("clients-ca.pem"),
+                garbage.display()
+            ),
+            "services[0].tls.client_crl_file",
+            "holds no PEM `X509 CRL`",
+        ),
+    ] {
+        assert_one_problem(&tls, field, message);
     }
     // Without a policy, `tls` is refused (it would be passed through).
-    let text = base(&format!(
+    let text = config_with_tls(&format!(
         "    tls: {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
         pki.path("web.crt"),
         pki.path("web.key")

@@ -27,7 +27,7 @@ use std::{
 use ipnet::IpNet;
 
 use super::{
-    model::{PolicyBinding, ProtectedService, Snapshot},
+    model::{ObjectKey, PolicyBinding, ProtectedService, Snapshot},
     pods,
 };
 use crate::{
@@ -91,7 +91,8 @@ pub fn merge(base: &Config, snapshot: &Snapshot, cgroup_root: &Path) -> Merged {
         dests.extend(svc.vips.iter().copied().chain(svc.guarded_endpoints()));
         let (mut http, warning) = http_of(svc);
         warnings.extend(warning);
-        if let Some(settings) = base.kube_services.get(&name) {
+        // By the full `namespace/name` (the kernel name of a long one is shortened).
+        if let Some(settings) = base.kube_services.get(&svc.key.to_string()) {
             match http.as_mut() {
                 Some(http) => settings.apply_to(http),
                 None => warnings.push(format!(
@@ -116,6 +117,19 @@ pub fn merge(base: &Config, snapshot: &Snapshot, cgroup_root: &Path) -> Merged {
         });
         if !svc.not_ready_endpoints.is_empty() {
             not_ready.push((id, svc.not_ready_endpoints.clone()));
+        }
+    }
+
+    // A key that names no protected Service (a typo, a missing label) does nothing: say so.
+    for key in base.kube_services.keys() {
+        let protected = key
+            .split_once('/')
+            .is_some_and(|(ns, name)| snapshot.services.contains_key(&ObjectKey::new(ns, name)));
+        if !protected {
+            warnings.push(format!(
+                "kubernetes.services[{key:?}]: no Service of that name is protected (label \
+                 nodegate.io/protected=true): its settings are unused"
+            ));
         }
     }
 
@@ -334,7 +348,9 @@ mod tests {
              gateways: [10.0.0.9]\n\
              kubernetes:\n  services:\n\
              \x20   shop/web: { http: { hosts: [Web.Shop.Test, \"*.web.test\"], identity_headers: true } }\n\
-             \x20   shop/db: { http: { hosts: [db.shop.test] } }\n",
+             \x20   shop/db: { http: { hosts: [db.shop.test] } }\n\
+             \x20   shop/typo: { http: { hosts: [typo.shop.test] } }\n\
+             \x20   a-namespace-with-a-rather-long-name/and-a-service-with-a-long-name-too: { http: { hosts: [long.shop.test] } }\n",
             Origin::Embedded,
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -349,9 +365,21 @@ mod tests {
             not_ready_endpoints: Vec::new(),
             ..svc("other", allow_devs())
         };
+        let long = ProtectedService {
+            key: ObjectKey::new(
+                "a-namespace-with-a-rather-long-name",
+                "and-a-service-with-a-long-name-too",
+            ),
+            vips: vec!["10.96.1.4:80".parse().unwrap()],
+            endpoints: vec!["10.2.0.5:8080".parse().unwrap()],
+            not_ready_endpoints: Vec::new(),
+            ..svc("long", allow_devs())
+        };
+        let long_name = long.kernel_name();
+        assert_ne!(long_name, long.key.to_string(), "shortened for the kernel");
         let m = merge(
             &base,
-            &snapshot(vec![svc("web", allow_devs()), db, other]),
+            &snapshot(vec![svc("web", allow_devs()), db, other, long]),
             Path::new("/nonexistent"),
         );
         let by_name = |n: &str| m.config.services.iter().find(|s| s.name == n).unwrap();
@@ -363,12 +391,22 @@ mod tests {
         // Without an entry: any Host, no identity headers.
         let other = by_name("shop/other").http.as_ref().expect("http");
         assert!(other.hosts.is_empty() && !other.identity_headers);
-        // Deny-all stays deny-all, and the log says why its settings do nothing.
+        // A long name is found by its full name.
+        let long = by_name(&long_name).http.as_ref().expect("http");
+        assert_eq!(long.hosts, ["long.shop.test"]);
+        // Deny-all stays deny-all, and the log says why its settings do nothing; so does an
+        // entry that names no protected Service.
         assert!(by_name("shop/db").http.is_none());
-        assert_eq!(m.warnings.len(), 1, "{:?}", m.warnings);
+        assert_eq!(m.warnings.len(), 2, "{:?}", m.warnings);
         assert!(
             m.warnings[0].starts_with("shop/db: its kubernetes.services settings are not applied")
                 && m.warnings[0].contains("no AccessPolicy"),
+            "{:?}",
+            m.warnings
+        );
+        assert!(
+            m.warnings[1]
+                .starts_with("kubernetes.services[\"shop/typo\"]: no Service of that name"),
             "{:?}",
             m.warnings
         );

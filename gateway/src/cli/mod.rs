@@ -50,8 +50,10 @@ enum Command {
         /// `kubernetes` section only this node's pods are watched).
         #[arg(long, value_name = "NAME")]
         node: Option<String>,
-        /// Replaces `proxy.listen` (the `DaemonSet` passes `$(HOST_IP):15001`).
-        #[arg(long, value_name = "ADDR")]
+        /// Replaces `proxy.listen`: `ADDR:PORT`, or the node's addresses, comma-separated (a
+        /// bare IP listens on port 15001; at most one IPv4 and one IPv6, which becomes
+        /// `proxy.listen_v6`). The `DaemonSet` passes `$(HOST_IP),$(HOST_IPS)`.
+        #[arg(long, value_name = "ADDR[,ADDR]")]
         proxy_listen: Option<String>,
         /// Replaces `kubernetes.peers_namespace`: where the gateway pods of the other nodes
         /// run (the `DaemonSet` passes `$(POD_NAMESPACE)`).
@@ -492,6 +494,7 @@ mod tests {
                 a.as_str()
                     .unwrap()
                     .replace("$(NODE_NAME)", "worker-1")
+                    .replace("$(HOST_IPS)", "10.0.0.5,fd00::5")
                     .replace("$(HOST_IP)", "10.0.0.5")
                     .replace("$(POD_NAMESPACE)", "nodegate-system")
             })
@@ -537,6 +540,11 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
         assert_eq!(config.node, "worker-1");
         assert_eq!(config.proxy.listen, "10.0.0.5:15001".parse().unwrap());
+        assert_eq!(
+            config.proxy.listen_v6,
+            Some("[fd00::5]:15001".parse().unwrap()),
+            "dual-stack: the node's IPv6 address too"
+        );
         let k = config.kubernetes.expect("Kubernetes mode");
         assert_eq!(k.peers_namespace.as_deref(), Some("nodegate-system"));
         assert!(k.kubeconfig.is_none(), "in-cluster");

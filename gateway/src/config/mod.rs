@@ -746,7 +746,18 @@ fn apply_overrides(raw: &mut raw::RawConfig, o: &Overrides, p: &mut Problems) {
         raw.node = Some(node.clone());
     }
     if let Some(listen) = &o.proxy_listen {
-        raw.proxy.get_or_insert_with(Default::default).listen = Some(listen.clone());
+        let proxy = raw.proxy.get_or_insert_with(Default::default);
+        match listen_flag(listen) {
+            Ok(Some((first, v6))) => {
+                proxy.listen = Some(first.to_string());
+                if let Some(v6) = v6 {
+                    proxy.listen_v6 = Some(v6.to_string());
+                }
+            }
+            Err(m) => p.push("proxy.listen", format!("--proxy-listen={listen}: {m}")),
+            // Not a list of addresses: checked (and reported) as the file's value would be.
+            Ok(None) => proxy.listen = Some(listen.clone()),
+        }
     }
     for (flag, set) in [
         ("--peers-namespace", o.peers_namespace.is_some()),
@@ -973,6 +984,46 @@ fn parse_socket_addr(value: &str) -> Result<SocketAddr, String> {
 
 /// An address the kernel redirects to or a protected destination: a real unicast address
 /// with a port.
+/// The port of a `--proxy-listen` address given without one (the `DaemonSet` passes the
+/// node's addresses).
+pub const DEFAULT_PROXY_PORT: u16 = 15001;
+
+/// `--proxy-listen`: one `address:port`, or a comma-separated list of addresses (`IP:PORT`,
+/// `[IPv6]:PORT`, or a bare IP for port [`DEFAULT_PROXY_PORT`]; empty items and repeats are
+/// skipped), at most one IPv4 and one IPv6: the listener (IPv4 first) and the IPv6 one next
+/// to it. `Ok(None)`: an item that is not an address (the caller reports it as the file's
+/// value would be).
+fn listen_flag(value: &str) -> Result<Option<(SocketAddr, Option<SocketAddr>)>, String> {
+    let (mut v4, mut v6): (Option<SocketAddr>, Option<SocketAddr>) = (None, None);
+    for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let addr = match item.parse::<SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => match item.parse::<IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, DEFAULT_PROXY_PORT),
+                Err(_) => return Ok(None),
+            },
+        };
+        let (slot, family) = if addr.is_ipv4() {
+            (&mut v4, "IPv4")
+        } else {
+            (&mut v6, "IPv6")
+        };
+        match slot {
+            Some(prev) if *prev != addr => {
+                return Err(format!(
+                    "two {family} addresses ({prev} and {addr}): at most one of each family"
+                ));
+            }
+            _ => *slot = Some(addr),
+        }
+    }
+    match (v4, v6) {
+        (None, None) => Err("no address".into()),
+        (Some(v4), v6) => Ok(Some((v4, v6))),
+        (None, Some(v6)) => Ok(Some((v6, None))),
+    }
+}
+
 fn parse_unicast_socket_addr(value: &str) -> Result<SocketAddr, String> {
     let addr = parse_socket_addr(value)?;
     if addr.port() == 0 {

@@ -774,3 +774,80 @@ fn kubernetes_services_settings_are_checked_and_reload_without_a_restart() {
         }
     }
 }
+
+#[test]
+fn proxy_listen_flag_takes_the_nodes_addresses() {
+    // No listen_v6 and no services (whose families the listeners must cover).
+    let without_v6 = format!(
+        "{}services: []\n",
+        GOOD.replace("  listen_v6: \"[fd77::1]:15001\"\n", "")
+            .split("services:")
+            .next()
+            .unwrap()
+    );
+    let parse_listen = |text: &str, flag: &str| {
+        let overrides = Overrides {
+            proxy_listen: Some(flag.into()),
+            ..Overrides::default()
+        };
+        Config::parse_with(text, Origin::Embedded, &overrides, || None)
+            .map(|c| {
+                (
+                    c.proxy.listen.to_string(),
+                    c.proxy.listen_v6.map(|a| a.to_string()),
+                )
+            })
+            .map_err(|e| crate::cli::error_chain(&e))
+    };
+    let dual = || {
+        Ok((
+            "10.0.0.5:15001".to_owned(),
+            Some("[fd00::5]:15001".to_owned()),
+        ))
+    };
+    // The DaemonSet's `$(HOST_IP),$(HOST_IPS)`: the primary address, then all of them.
+    assert_eq!(
+        parse_listen(&without_v6, "10.0.0.5,10.0.0.5,fd00::5"),
+        dual()
+    );
+    assert_eq!(parse_listen(&without_v6, " 10.0.0.5 , fd00::5 "), dual());
+    assert_eq!(
+        parse_listen(&without_v6, "[fd00::5]:16001,10.0.0.5:16001"),
+        Ok(("10.0.0.5:16001".into(), Some("[fd00::5]:16001".into())))
+    );
+    // HOST_IPS empty (an older cluster): the primary address alone; the file's v6 stays.
+    assert_eq!(
+        parse_listen(GOOD, "10.0.0.5,"),
+        Ok(("10.0.0.5:15001".into(), Some("[fd77::1]:15001".into())))
+    );
+    // IPv6 only (an IPv6-only cluster: no IPv4 service either).
+    let v6_only = format!(
+        "{}services: []\n",
+        without_v6.split("services:").next().unwrap()
+    );
+    assert_eq!(
+        parse_listen(&v6_only, "fd00::5"),
+        Ok(("[fd00::5]:15001".into(), None))
+    );
+    // The single address:port form is unchanged.
+    assert_eq!(
+        parse_listen(&without_v6, "10.0.0.5:15002"),
+        Ok(("10.0.0.5:15002".into(), None))
+    );
+    for (flag, message) in [
+        (
+            "10.0.0.5,10.0.0.6",
+            "two IPv4 addresses (10.0.0.5:15001 and 10.0.0.6:15001)",
+        ),
+        ("fd00::5,fd00::6", "two IPv6 addresses"),
+        (",", "--proxy-listen=,: no address"),
+        ("10.0.0.5,nowhere", "proxy.listen"),
+        ("0.0.0.0", "not a unicast address"),
+    ] {
+        let err = parse_listen(&without_v6, flag).unwrap_err();
+        assert!(err.contains(message), "{flag}: {err}");
+    }
+    // An IPv6 listen with the file's listen_v6 is the file's error, as before.
+    let err = parse_listen(GOOD, "fd00::5").unwrap_err();
+    assert!(err.contains("proxy.listen_v6"), "{err}");
+}

@@ -60,6 +60,48 @@ impl CertIdentity {
     }
 }
 
+/// When a certificate stops being valid (`notAfter`), in Unix seconds; `None` if it does not
+/// parse. Read from the DER with [`tlv`] like the subject: `TBSCertificate` is `[0] version`
+/// (optional), serial, signature algorithm, issuer, validity (`notBefore`, `notAfter`).
+pub fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
+    let (0x30, cert, _) = tlv(der)? else {
+        return None;
+    };
+    let (0x30, mut tbs, _) = tlv(cert)? else {
+        return None;
+    };
+    let (tag, _, rest) = tlv(tbs)?;
+    if tag == 0xa0 {
+        tbs = rest;
+    }
+    // Serial, signature algorithm, issuer.
+    for want in [0x02, 0x30, 0x30] {
+        let (tag, _, rest) = tlv(tbs)?;
+        if tag != want {
+            return None;
+        }
+        tbs = rest;
+    }
+    let (0x30, validity, _) = tlv(tbs)? else {
+        return None;
+    };
+    let (_, _, rest) = tlv(validity)?;
+    let (tag, time, _) = tlv(rest)?;
+    let time = std::str::from_utf8(time).ok()?;
+    // UTCTime (YYMMDDHHMMSSZ, years 1950-2049) or GeneralizedTime (YYYYMMDDHHMMSSZ).
+    let full = match (tag, time.len()) {
+        (0x17, 13) => {
+            let yy: u32 = time.get(..2)?.parse().ok()?;
+            format!("{}{time}", if yy >= 50 { "19" } else { "20" })
+        }
+        (0x18, 15) => time.to_owned(),
+        _ => return None,
+    };
+    chrono::NaiveDateTime::parse_from_str(&full, "%Y%m%d%H%M%SZ")
+        .ok()
+        .map(|t| t.and_utc().timestamp())
+}
+
 /// One DER TLV: tag, contents, the rest. Definite lengths up to 4 bytes only.
 fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;
@@ -185,6 +227,39 @@ mod tests {
     use rcgen::{CertificateParams, DnType, KeyPair, SanType};
 
     use super::*;
+
+    #[test]
+    fn not_after_is_read_in_both_time_forms() {
+        for (year, form) in [
+            (2031, "UTCTime"),
+            (2055, "GeneralizedTime"),
+            (1999, "UTCTime"),
+        ] {
+            let mut params = CertificateParams::default();
+            params.not_before = rcgen::date_time_ymd(1990, 1, 1);
+            params.not_after = rcgen::date_time_ymd(year, 5, 6);
+            let der = params
+                .self_signed(&KeyPair::generate().unwrap())
+                .unwrap()
+                .der()
+                .clone();
+            let want = chrono::NaiveDate::from_ymd_opt(year, 5, 6)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap()
+                .and_utc()
+                .timestamp();
+            assert_eq!(not_after(&der), Some(want), "{year} ({form})");
+        }
+        for bad in [
+            &b""[..],
+            b"\x30\x00",
+            b"\x30\x03\x30\x01\x00",
+            b"\x04\x02ab",
+        ] {
+            assert_eq!(not_after(&CertificateDer::from(bad.to_vec())), None);
+        }
+    }
 
     fn cert(subject: &[(DnType, &str)], sans: Vec<SanType>) -> CertificateDer<'static> {
         let mut params = CertificateParams::default();

@@ -154,7 +154,11 @@ pub async fn serve(
     }
     drop(open_tx);
     // Certificate files of TLS services: new content for new handshakes.
-    let tls_watch = tokio::spawn(tls::watch(shared.routes.clone(), shutdown.clone()));
+    let tls_watch = tokio::spawn(tls::watch(
+        shared.routes.clone(),
+        shared.metrics.clone(),
+        shutdown.clone(),
+    ));
     tokio::select! {
         _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => {}
         Some(res) = accepting.join_next() => {

@@ -118,6 +118,8 @@ pub struct Metrics {
     kube_applies: Family<ResultLabels, Counter>,
     /// The Kubernetes source's health as last reported (`None`: no source).
     kube_health: Arc<Mutex<Option<Health>>>,
+    /// `(service, notAfter)` of the certificates of TLS services, as last checked.
+    tls_expiry: Arc<Mutex<Vec<(String, i64)>>>,
 }
 
 impl fmt::Debug for Metrics {
@@ -195,6 +197,10 @@ impl Metrics {
             config_reloads.clone(),
         );
         let (kube_applies, kube_health) = register_source(&mut registry);
+        let tls_expiry = Arc::new(Mutex::new(Vec::new()));
+        registry.register_collector(Box::new(TlsCollector {
+            certificates: tls_expiry.clone(),
+        }));
         if let Some(bpffs) = bpffs {
             let scrape_errors = Counter::default();
             registry.register(
@@ -221,7 +227,17 @@ impl Metrics {
             config_reloads,
             kube_applies,
             kube_health,
+            tls_expiry,
         }
+    }
+
+    /// The TLS services' certificates (`(service, notAfter)`), for
+    /// `nodegate_tls_certificate_expiry_timestamp_seconds`.
+    pub fn tls_certificates(&self, certificates: Vec<(String, i64)>) {
+        *self
+            .tls_expiry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = certificates;
     }
 
     /// The Kubernetes source's health, for the `nodegate_kubernetes_*` gauges.
@@ -373,6 +389,37 @@ impl Collector for KernelCollector {
                 self.scrape_errors.inc();
                 tracing::warn!(bpffs = %self.bpffs.display(), error = %err, "cannot read the datapath status");
             }
+        }
+        Ok(())
+    }
+}
+
+/// When the certificate each TLS service presents expires, at scrape time: alert on
+/// `nodegate_tls_certificate_expiry_timestamp_seconds - time() < 7 * 86400`.
+#[derive(Debug)]
+struct TlsCollector {
+    certificates: Arc<Mutex<Vec<(String, i64)>>>,
+}
+
+impl Collector for TlsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let certificates = self
+            .certificates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if certificates.is_empty() {
+            return Ok(());
+        }
+        let mut metric = encoder.encode_descriptor(
+            "nodegate_tls_certificate_expiry_timestamp_seconds",
+            "When the certificate a TLS service presents (the one in use) expires, Unix seconds",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (service, not_after) in certificates {
+            let labels = ServiceLabels { service };
+            ConstGauge::new(not_after).encode(metric.encode_family(&labels)?)?;
         }
         Ok(())
     }

@@ -340,6 +340,8 @@ struct Loaded {
     config: Arc<ServerConfig>,
     /// Lower-case names (`*.suffix` allowed) that select this service by SNI.
     names: Vec<String>,
+    /// When the certificate expires (Unix seconds), for the metric.
+    not_after: Option<i64>,
     fingerprint: u64,
 }
 
@@ -496,6 +498,11 @@ impl ServerTls {
         &self.files
     }
 
+    /// When the certificate in use expires (Unix seconds).
+    pub fn not_after(&self) -> Option<i64> {
+        self.current.load().not_after
+    }
+
     /// The configuration for a new handshake.
     pub fn config(&self) -> Arc<ServerConfig> {
         self.current.load().config.clone()
@@ -542,6 +549,7 @@ fn build(
         (&files.key_file, &contents[1]),
         ("cert_file", "key_file"),
     )?;
+    let not_after = crate::auth::cert::not_after(&certified.cert[0]);
     let names = if hosts.is_empty() {
         // `certified_key` parsed the end-entity certificate already.
         webpki::EndEntityCert::try_from(&certified.cert[0])
@@ -595,6 +603,7 @@ fn build(
     Ok(Loaded {
         config: Arc::new(config),
         names,
+        not_after,
         fingerprint,
     })
 }
@@ -615,7 +624,11 @@ pub fn serialize_opt<S: serde::Serializer, T: Serialize>(
 /// and swaps in what changed,
 /// until `shutdown`. The live route table is read on each round, so services added by a config
 /// reload are watched too.
-pub async fn watch(routes: SharedRoutes, mut shutdown: watch::Receiver<bool>) {
+pub async fn watch(
+    routes: SharedRoutes,
+    metrics: Arc<crate::telemetry::Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(RELOAD_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -624,6 +637,7 @@ pub async fn watch(routes: SharedRoutes, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.wait_for(|s| *s) => return,
         }
         let table = routes.load_full();
+        let metrics = metrics.clone();
         // Small files, but still file I/O: off the proxy's worker threads.
         let checked = tokio::task::spawn_blocking(move || {
             for service in table.services() {
@@ -638,6 +652,16 @@ pub async fn watch(routes: SharedRoutes, mut shutdown: watch::Receiver<bool>) {
                     report(&service.name, "upstream_tls", ca, upstream.refresh());
                 }
             }
+            metrics.tls_certificates(
+                table
+                    .tls_services()
+                    .iter()
+                    .filter_map(|s| {
+                        let tls = s.http.as_ref()?.tls.as_ref()?;
+                        Some((s.name.clone(), tls.not_after()?))
+                    })
+                    .collect(),
+            );
         })
         .await;
         if let Err(err) = checked {

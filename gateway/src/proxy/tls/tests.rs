@@ -256,6 +256,7 @@ impl OrigDstLookup for Arc<FakeOrig> {
 struct Proxy {
     addr: SocketAddr,
     orig: Arc<FakeOrig>,
+    metrics: Arc<Metrics>,
     captured: Captured,
     _shutdown: watch::Sender<bool>,
     _guard: tracing::subscriber::DefaultGuard,
@@ -272,11 +273,12 @@ impl Proxy {
         let orig = Arc::new(FakeOrig::default());
         let routes = Routes::shared(config);
         let http = context(config, routes.clone());
+        let metrics = Arc::new(Metrics::new(None));
         let shared = Arc::new(Shared {
             node: config.node.clone(),
             routes,
             orig: Box::new(orig.clone()),
-            metrics: Arc::new(Metrics::new(None)),
+            metrics: metrics.clone(),
             mark: None,
             http,
         });
@@ -285,6 +287,7 @@ impl Proxy {
         Self {
             addr,
             orig,
+            metrics,
             captured,
             _shutdown: shutdown,
             _guard: guard,
@@ -892,6 +895,58 @@ async fn a_replaced_upstream_ca_applies_to_new_backend_connections() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `nodegate_tls_certificate_expiry_timestamp_seconds{service}`: the certificate in use, also
+/// after it is replaced.
+#[tokio::test]
+async fn the_expiry_of_each_certificate_in_use_is_a_metric() {
+    let pki = Pki::new();
+    let leaf = |year: i32| {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, WEB);
+        params.subject_alt_names = vec![dns(WEB)];
+        params.not_after = rcgen::date_time_ymd(year, 5, 6);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &pki.ca.issuer).unwrap();
+        write(&pki.dir, "web.key", &key.serialize_pem());
+        write(&pki.dir, "web.crt", &cert.pem());
+        let at = chrono::NaiveDate::from_ymd_opt(year, 5, 6)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc()
+            .timestamp();
+        format!("nodegate_tls_certificate_expiry_timestamp_seconds{{service=\"web\"}} {at}")
+    };
+    let first = leaf(2031);
+    let cfg = config(
+        &pki,
+        backend("web", None).await,
+        backend("api", None).await,
+        "",
+    );
+    let p = Proxy::start(&cfg).await;
+    let wait_for = |want: String| {
+        let metrics = p.metrics.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + TIMEOUT;
+            loop {
+                let text = metrics.encode().unwrap();
+                if text.contains(&want) {
+                    return text;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{want}\n{text}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let text = wait_for(first).await;
+    assert!(
+        text.contains("nodegate_tls_certificate_expiry_timestamp_seconds{service=\"api\"}"),
+        "{text}"
+    );
+    wait_for(leaf(2032)).await;
 }
 
 #[tokio::test]

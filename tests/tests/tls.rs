@@ -250,6 +250,23 @@ fn sni_chooses_between_two_services_on_one_address() {
     assert_request(&line, "web", "allow", "allowed_by_rule");
     assert_eq!(line["tls"]["sni"], WEB, "{line}");
 
+    // Plain HTTP on the TLS port (curl in pod a): nginx's 400, and nothing reaches b.
+    let vip = t.node.vip_v4(20, 443);
+    let request = HttpRequest::get(&format!("http://{API}:443/public/x"))
+        .curl_args(&["--resolve", &format!("{API}:443:{}", vip.ip())]);
+    let reply = t.node.pod("a").http(&request).expect("curl");
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert!(
+        reply
+            .body
+            .contains("plain HTTP request was sent to an HTTPS port"),
+        "{reply:?}"
+    );
+    let line = t.line(&reply, "connection");
+    assert_eq!(s(&line, "decision"), "deny", "{line}");
+    assert_eq!(s(&line, "reason"), "plain_http_to_tls", "{line}");
+    assert_eq!(s(&line, "service"), "api", "{line}");
+
     // A name no service has: api's certificate as the default, which curl refuses for it.
     let reply = t.get("unknown.nodegate.test", 20, "/", None);
     assert_eq!(reply.status, 0, "{reply:?}");

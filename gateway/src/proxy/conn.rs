@@ -15,7 +15,10 @@ use super::{
     http::{self, Protocol},
     tls, upstream,
 };
-use crate::telemetry::{ConnectionLine, Decision, Reason};
+use crate::{
+    ebpf::Mode,
+    telemetry::{ConnectionLine, Decision, Reason},
+};
 
 /// How long a client of an HTTP service may take to send its first bytes.
 const DETECT_WAIT: Duration = Duration::from_secs(10);
@@ -171,6 +174,12 @@ async fn admit(
             line.duration = started.elapsed();
             line.emit(&shared.metrics);
         }
+        let client = if route.service.http.as_ref().is_some_and(|h| h.tls.is_some()) {
+            let mode = route.service.mode;
+            Box::pin(plain_to_tls(client, protocol, mode, line, started, shared)).await?
+        } else {
+            client
+        };
         return Some((client, peer, orig, protocol));
     }
     forward_l4(client, shared, &routes, route, line, started, abort).await;
@@ -229,6 +238,73 @@ fn forward_l4<'a>(
 
 /// Close with a reset: the client learns at once that it was refused, and no `TIME_WAIT`
 /// is left behind by a flood of refused connections.
+/// Plain HTTP (`protocol`) to a service that terminates TLS would skip the handshake, and with
+/// it a required client certificate: refused (HTTP/1.1 gets a 400), with a connection line;
+/// audit mode logs it and hands the connection on (`Some`).
+async fn plain_to_tls(
+    client: TcpStream,
+    protocol: Protocol,
+    mode: Mode,
+    mut line: ConnectionLine<'_>,
+    started: Instant,
+    shared: &Shared,
+) -> Option<TcpStream> {
+    line.reason = Reason::PlainHttpToTls;
+    line.decision = match mode {
+        Mode::Enforce => Decision::Deny,
+        Mode::Audit => Decision::WouldDeny,
+    };
+    line.duration = started.elapsed();
+    line.emit(&shared.metrics);
+    if line.decision == Decision::WouldDeny {
+        return Some(client);
+    }
+    match protocol {
+        Protocol::Http1 => answer_plain_http(client).await,
+        Protocol::Http2 => refuse(&client),
+    }
+    None
+}
+
+/// The body of the answer to plain HTTP on a TLS service: nginx's words for it, as a refusal
+/// of the gateway's (JSON).
+const PLAIN_HTTP_BODY: &str = "{\"error\":\"The plain HTTP request was sent to an HTTPS port\",\
+                               \"reason\":\"plain_http_to_tls\",\"status\":400}\n";
+
+/// Answers a plain HTTP/1.1 client of a TLS service with a 400 and closes; the request is read
+/// (and dropped) first, for a moment, so that closing does not reset the connection before the
+/// client has read the answer.
+async fn answer_plain_http(mut client: TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const DRAIN: usize = 64 * 1024;
+    const WAIT: Duration = Duration::from_secs(1);
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncache-control: no-store\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{PLAIN_HTTP_BODY}",
+        PLAIN_HTTP_BODY.len()
+    );
+    let answered = tokio::time::timeout(WAIT, async {
+        client.write_all(answer.as_bytes()).await?;
+        client.shutdown().await
+    })
+    .await;
+    if !matches!(answered, Ok(Ok(()))) {
+        refuse(&client);
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    let mut drained = 0;
+    let _ = tokio::time::timeout(WAIT, async {
+        while drained < DRAIN {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
+}
+
 fn refuse(client: &TcpStream) {
     if let Err(err) = client.set_zero_linger() {
         tracing::debug!(error = %err, "SO_LINGER on a refused connection");

@@ -53,6 +53,8 @@ pub enum Reason {
     ClientCertInvalid,
     /// The client certificate is listed in the service's `client_crl_file`.
     ClientCertRevoked,
+    /// Plain HTTP (HTTP/1.1 or h2c) to a service that terminates TLS.
+    PlainHttpToTls,
 }
 
 impl Reason {
@@ -68,6 +70,7 @@ impl Reason {
             Self::ClientCertRequired => "client_cert_required",
             Self::ClientCertInvalid => "client_cert_invalid",
             Self::ClientCertRevoked => "client_cert_revoked",
+            Self::PlainHttpToTls => "plain_http_to_tls",
         }
     }
 }

@@ -25,6 +25,7 @@ use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
 use serde_json::{Value, json};
 use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
 };
@@ -774,6 +775,69 @@ async fn revoked_client_certificates_are_refused() {
     // Nothing refused was passed on: a request line for each request served, no more.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(p.lines("request", served).await.len(), served);
+}
+
+/// Plain HTTP to a service that terminates TLS never skips the handshake (and with it a
+/// required client certificate): HTTP/1.1 gets nginx's answer to plain HTTP on an HTTPS port
+/// (400) and h2c is closed, each with a connection line; nothing reaches the backend.
+#[tokio::test]
+async fn plain_http_to_a_tls_service_is_refused() {
+    let pki = Pki::new();
+    let cfg = config(
+        &pki,
+        backend("web", None).await,
+        backend("api", None).await,
+        "",
+    );
+    let p = Proxy::start(&cfg).await;
+    // `api` requires a client certificate; its policy allows `/public` to anyone.
+    let (status, body) = plain_get(p.tcp(API_VIP).await, API, "/public/x").await;
+    assert_eq!(status, Some(400), "{body}");
+    assert!(body.contains("plain_http_to_tls"), "{body}");
+    let line = &p.lines("connection", 1).await[0];
+    assert_eq!(line["decision"], "deny", "{line}");
+    assert_eq!(line["reason"], "plain_http_to_tls", "{line}");
+    assert_eq!(line["service"], "api", "{line}");
+
+    // h2c prior knowledge: closed without an answer.
+    let mut s = p.tcp(WEB_VIP).await;
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT, s.read_to_end(&mut rest)).await;
+    let line = &p.lines("connection", 2).await[1];
+    assert_eq!(line["reason"], "plain_http_to_tls", "{line}");
+    assert_eq!(line["service"], "web", "{line}");
+    assert!(p.captured.lines().iter().all(|l| l["kind"] != "request"));
+    drop(p);
+
+    // Audit mode: logged as would_deny, then served (and the request decided as usual).
+    let mut audit = cfg.clone();
+    for service in &mut audit.services {
+        service.mode = crate::ebpf::Mode::Audit;
+    }
+    let p = Proxy::start(&audit).await;
+    let (status, body) = plain_get(p.tcp(WEB_VIP).await, WEB, "/public/x").await;
+    assert_eq!(status, Some(200), "{body}");
+    let line = &p.lines("connection", 1).await[0];
+    assert_eq!(line["decision"], "would_deny", "{line}");
+    assert_eq!(line["reason"], "plain_http_to_tls", "{line}");
+    assert_eq!(p.lines("request", 1).await[0]["decision"], "allow");
+}
+
+/// `GET path` in plain HTTP/1.1 on `s`: the status (`None`: no answer) and the whole answer.
+async fn plain_get(mut s: TcpStream, host: &str, path: &str) -> (Option<u16>, String) {
+    let head = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT, s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok());
+    (status, answer)
 }
 
 /// Sends a request on a connection the server is about to refuse; whether it failed.

@@ -982,8 +982,6 @@ fn parse_socket_addr(value: &str) -> Result<SocketAddr, String> {
         })
 }
 
-/// An address the kernel redirects to or a protected destination: a real unicast address
-/// with a port.
 /// The port of a `--proxy-listen` address given without one (the `DaemonSet` passes the
 /// node's addresses).
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
@@ -1024,6 +1022,8 @@ fn listen_flag(value: &str) -> Result<Option<(SocketAddr, Option<SocketAddr>)>, 
     }
 }
 
+/// An address the kernel redirects to or a protected destination: a real unicast address
+/// with a port.
 fn parse_unicast_socket_addr(value: &str) -> Result<SocketAddr, String> {
     let addr = parse_socket_addr(value)?;
     if addr.port() == 0 {

@@ -14,7 +14,8 @@
 //! is a config error naming the field) and again whenever their content changes ([`watch`],
 //! polled every second like the config file): good new content is swapped in atomically for
 //! new handshakes; bad content is logged and the running files kept. Established connections
-//! (and pooled backend connections) keep what they were opened with. Everything goes through rustls with the ring provider (the one TLS stack).
+//! (and pooled backend connections) keep what they were opened with. Everything goes through
+//! rustls with the ring provider (the one TLS stack).
 
 mod accept;
 pub mod upstream;

@@ -36,8 +36,9 @@ pub struct UpstreamTlsFiles {
     pub key_file: Option<PathBuf>,
 }
 
-/// TLS to a service's backends, loaded; its files are re-read when they change (the [`super::watch`]
-/// loop), and new connections use what loaded last (pooled ones keep their session).
+/// TLS to a service's backends, loaded; its files are re-read when they change (the
+/// [`super::watch`] loop), and new connections use what loaded last (pooled ones keep their
+/// session).
 pub struct UpstreamTls {
     files: UpstreamTlsFiles,
     server_name: Option<ServerName<'static>>,

@@ -35,6 +35,8 @@ const PASS: &str = "pass.nodegate.test";
 const BACKEND: &str = "backend.nodegate.test";
 const ALLOWED: &str = "spiffe://cluster.test/ns/shop/sa/checkout";
 const OTHER: &str = "spiffe://cluster.test/ns/shop/sa/cart";
+/// The serial number of the client certificate `clients.crl` revokes.
+const REVOKED_SERIAL: u64 = 0x0bad_cafe;
 
 /// The scenario: a node, its certificates (in `pki`), the backends and the gateway.
 struct Tls {
@@ -102,6 +104,7 @@ impl Tls {
             false,
         );
         client_ca.leaf(&pki, "cart", "cart", vec![uri(OTHER)], true, false);
+        revoked_client(&client_ca, &pki);
         client_ca.leaf(&pki, "expired", "checkout", vec![uri(ALLOWED)], true, true);
         other_ca.leaf(&pki, "foreign", "checkout", vec![uri(ALLOWED)], true, false);
 
@@ -140,6 +143,7 @@ impl Tls {
         let mut api_tls = tls("api");
         api_tls["client_ca_file"] = json!(p("clients-ca.pem"));
         api_tls["client_cert"] = json!("optional");
+        api_tls["client_crl_file"] = json!(p("clients.crl"));
         let upstream = json!({"ca_file": p("ca.pem"), "server_name": BACKEND});
         let mut yaml = config.to_yaml();
         for (service, extra) in [
@@ -208,6 +212,21 @@ impl Tls {
             })
             .unwrap_or_else(|e| panic!("{e}; reply {reply:?}\n{}", self.gw.stderr()))
     }
+}
+
+/// `revoked.crt`/`.key`: a certificate of the client CA with everything right, and
+/// `clients.crl`, the CA's list that revokes it.
+fn revoked_client(client_ca: &Ca, pki: &Path) {
+    client_ca.numbered_leaf(
+        pki,
+        "revoked",
+        "checkout",
+        vec![uri(ALLOWED)],
+        true,
+        false,
+        Some(REVOKED_SERIAL),
+    );
+    client_ca.crl(&pki.join("clients.crl"), &[REVOKED_SERIAL]);
 }
 
 /// Adds `extra` (`key: value, ...`) to the flow map of service `name` in the harness's YAML.
@@ -337,6 +356,14 @@ fn client_certificates_allow_by_spiffe_id_and_bad_ones_are_refused() {
         );
         assert_eq!(s(&line, "sni"), API, "{client}: {line}");
     }
+
+    // Revoked by api's `client_crl_file` (curl's certificate is otherwise valid): refused.
+    let reply = t.get(API, 20, "/orders", Some("revoked"));
+    assert_eq!(reply.status, 0, "{reply:?}");
+    let line = t.line(&reply, "connection");
+    assert_eq!(s(&line, "decision"), "deny", "{line}");
+    assert_eq!(s(&line, "reason"), "client_cert_revoked", "{line}");
+    assert!(s(&line, "detail").contains("Revoked"), "{line}");
 }
 
 #[test]

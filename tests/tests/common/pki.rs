@@ -36,7 +36,26 @@ impl Ca {
         client: bool,
         expired: bool,
     ) {
+        self.numbered_leaf(dir, name, cn, sans, client, expired, None);
+    }
+
+    /// [`Self::leaf`] with a serial number (for a CRL to name).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the leaf's fields, as a test names them"
+    )]
+    pub fn numbered_leaf(
+        &self,
+        dir: &Path,
+        name: &str,
+        cn: &str,
+        sans: Vec<SanType>,
+        client: bool,
+        expired: bool,
+        serial: Option<u64>,
+    ) {
         let mut params = CertificateParams::default();
+        params.serial_number = serial.map(rcgen::SerialNumber::from);
         params.distinguished_name.push(DnType::CommonName, cn);
         params.subject_alt_names = sans;
         params.extended_key_usages = vec![if client {
@@ -55,6 +74,29 @@ impl Ca {
         // Key first: a watcher that sees the new key with the old certificate keeps the old pair.
         write(&dir.join(format!("{name}.key")), &key.serialize_pem());
         write(&dir.join(format!("{name}.crt")), &cert.pem());
+    }
+
+    /// `path`: this CA's CRL (PEM) revoking the certificates with the `revoked` serials.
+    pub fn crl(&self, path: &Path, revoked: &[u64]) {
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2025, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(*serial),
+                    revocation_time: rcgen::date_time_ymd(2026, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.issuer)
+        .expect("CRL");
+        write(path, &crl.pem().expect("CRL PEM"));
     }
 }
 

@@ -27,7 +27,7 @@ use crate::{
     admin::{AdminServer, Readiness},
     auth::{AuthObserver, Authenticator},
     config::{CgroupDriverSetting, Config, KubernetesSection, Overrides},
-    ebpf::{BypassEvents, Datapath, DatapathOptions, PinLock},
+    ebpf::{BypassEvents, Datapath, PinLock},
     proxy::{
         self, Routes, SharedRoutes,
         http::{AssertionSigner, BrowserLogin, HttpContext, LoginFlow, SharedAuth},
@@ -52,7 +52,7 @@ pub(super) fn run(path: Option<&Path>, overrides: &Overrides) -> Result<(), CliE
     let _flush = telemetry::FlushDecisionLogOnDrop;
     let (config, metrics) = load_config(path, overrides)?;
     // Before anything is bound or attached: a second gateway on these pins stops here.
-    let _pins = claim_pins(&config.bpffs)?;
+    let pins = claim_pins(&config.bpffs)?;
 
     // The assertion key lives as long as the process; backends fetch its JWKS from the admin port.
     let signer = Arc::new(AssertionSigner::generate(config.assertion.clone()));
@@ -83,7 +83,7 @@ pub(super) fn run(path: Option<&Path>, overrides: &Overrides) -> Result<(), CliE
     }
     let auth: SharedAuth = Arc::new(ArcSwap::from_pointee(authenticator));
     proxy::check_mark(config.proxy.mark)?;
-    let (datapath, events) = start_datapath(&config, &readiness, &control)?;
+    let (datapath, events) = start_datapath(&config, pins, &readiness, &control)?;
     let listeners = proxy::bind(&config.proxy.listeners())?;
     let routes = Routes::shared(&config);
     let shared = Arc::new(proxy::Shared {
@@ -182,8 +182,7 @@ fn load_config(
     Ok((config, metrics))
 }
 
-/// Attach the programs and open the event stream (the maps are synced by the reloader).
-/// One gateway per pin directory ([`PinLock`]), held until `run` returns.
+/// One gateway per pin directory ([`PinLock`]): taken first, then held by the datapath.
 fn claim_pins(bpffs: &Path) -> Result<PinLock, CliError> {
     PinLock::acquire(bpffs).map_err(CliError::ebpf(format!(
         "cannot claim the pin directory {}",
@@ -191,16 +190,14 @@ fn claim_pins(bpffs: &Path) -> Result<PinLock, CliError> {
     )))
 }
 
+/// Attach the programs and open the event stream (the maps are synced by the reloader).
 fn start_datapath(
     config: &Config,
+    pins: PinLock,
     readiness: &Readiness,
     control: &tokio::runtime::Runtime,
 ) -> Result<(Datapath, BypassEvents), CliError> {
-    let mut datapath = Datapath::start(&DatapathOptions {
-        cgroup: config.cgroup.clone(),
-        bpffs: config.bpffs.clone(),
-    })
-    .map_err(CliError::ebpf(format!(
+    let mut datapath = Datapath::start(&config.cgroup, pins).map_err(CliError::ebpf(format!(
         "cannot load and attach the eBPF programs (cgroup {}, bpffs {})",
         config.cgroup.display(),
         config.bpffs.display()

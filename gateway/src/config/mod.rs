@@ -884,11 +884,7 @@ fn parse_login(
     let Some(config) = raw else {
         for (i, s) in services.iter().enumerate() {
             if s.http.as_ref().is_some_and(|h| h.login) {
-                p.push(
-                    format!("services[{i}].http.login"),
-                    "browser login needs the top-level `login:` section (issuer, client_id, \
-                     client_secret or client_secret_file, hosts)",
-                );
+                p.push(format!("services[{i}].http.login"), LOGIN_NEEDS_SECTION);
             }
         }
         return None;
@@ -1357,15 +1353,8 @@ fn parse_http(
         identity_headers: false,
         login: false,
     });
-    let mut hosts = Vec::with_capacity(raw.hosts.len());
-    for (i, h) in raw.hosts.iter().enumerate() {
-        match parse_host_name(h) {
-            Ok(h) => hosts.push(h),
-            Err(m) => p.push(format!("{base}.http.hosts[{i}]"), m),
-        }
-    }
     Some(HttpService {
-        hosts,
+        hosts: parse_hosts(base, &raw.hosts, p),
         identity_headers: raw.identity_headers,
         login: raw.login,
         policy,
@@ -1470,19 +1459,9 @@ fn parse_kube_services(
             identity_headers: false,
             login: false,
         });
-        let mut hosts = Vec::with_capacity(http.hosts.len());
-        for (i, h) in http.hosts.iter().enumerate() {
-            match parse_host_name(h) {
-                Ok(h) => hosts.push(h),
-                Err(m) => p.push(format!("{base}.http.hosts[{i}]"), m),
-            }
-        }
+        let hosts = parse_hosts(&base, &http.hosts, p);
         if http.login && !has_login {
-            p.push(
-                format!("{base}.http.login"),
-                "browser login needs the top-level `login:` section (issuer, client_id, \
-                 client_secret or client_secret_file, hosts)",
-            );
+            p.push(format!("{base}.http.login"), LOGIN_NEEDS_SECTION);
         }
         let (tls, upstream_tls) = load_tls(&base, s.tls, s.upstream_tls, &hosts, p);
         out.insert(
@@ -1498,6 +1477,22 @@ fn parse_kube_services(
     }
     out
 }
+
+/// `http.hosts` of a service (`base`): lower case, checked; each bad one reported.
+fn parse_hosts(base: &str, hosts: &[String], p: &mut Problems) -> Vec<String> {
+    let mut out = Vec::with_capacity(hosts.len());
+    for (i, h) in hosts.iter().enumerate() {
+        match parse_host_name(h) {
+            Ok(h) => out.push(h),
+            Err(m) => p.push(format!("{base}.http.hosts[{i}]"), m),
+        }
+    }
+    out
+}
+
+/// A service with `http.login: true` in a config without a `login:` section.
+const LOGIN_NEEDS_SECTION: &str = "browser login needs the top-level `login:` section (issuer, \
+                                   client_id, client_secret or client_secret_file, hosts)";
 
 fn parse_host_name(value: &str) -> Result<String, String> {
     let lower = value.trim().trim_end_matches('.').to_ascii_lowercase();

@@ -731,7 +731,7 @@ fn kubernetes_services_settings_are_checked_and_reload_without_a_restart() {
         (
             "    monitoring/grafana: { http: { hosts: [\"bad host\"] } }\n",
             "kubernetes.services[\"monitoring/grafana\"].http.hosts[0]",
-            "",
+            "\"bad host\" is not a host name",
         ),
         (
             "    monitoring/grafana: { tls: { cert_file: g.crt, key_file: /etc/g.key } }\n",

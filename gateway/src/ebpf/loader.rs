@@ -97,6 +97,7 @@ pub fn prepare_bpffs(bpffs: &Path) -> Result<(), EbpfError> {
 #[derive(Debug)]
 pub struct PinLock {
     _dir: File,
+    path: PathBuf,
 }
 
 impl PinLock {
@@ -108,7 +109,10 @@ impl PinLock {
             source,
         })?;
         match dir.try_lock() {
-            Ok(()) => Ok(Self { _dir: dir }),
+            Ok(()) => Ok(Self {
+                _dir: dir,
+                path: bpffs.to_path_buf(),
+            }),
             Err(std::fs::TryLockError::WouldBlock) => Err(EbpfError::PinsInUse {
                 path: bpffs.to_path_buf(),
                 holder: lock_holder(&dir),
@@ -118,6 +122,13 @@ impl PinLock {
                 source,
             }),
         }
+    }
+}
+
+impl PinLock {
+    /// The pin directory (prepared: on a bpffs, with its links directory).
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }
 

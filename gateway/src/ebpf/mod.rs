@@ -236,15 +236,6 @@ pub struct DesiredService {
     pub endpoints: Vec<SocketAddr>,
 }
 
-/// Options for [`Datapath::start`].
-#[derive(Debug, Clone)]
-pub struct DatapathOptions {
-    /// cgroup v2 directory whose processes are intercepted.
-    pub cgroup: PathBuf,
-    /// Pin directory (created if missing; bpffs must be mounted above it).
-    pub bpffs: PathBuf,
-}
-
 /// What a [`Datapath::sync`] changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SyncReport {
@@ -280,7 +271,8 @@ pub struct BypassEvent {
 pub struct Datapath {
     /// Owns the loaded programs (their links are pinned, so they stay attached without it).
     _ebpf: aya::Ebpf,
-    bpffs: PathBuf,
+    /// This gateway's claim on the pin directory, for as long as it runs the datapath.
+    pins: PinLock,
     cgroup_id: u64,
     maps: maps::WritableMaps,
     orig: OrigDstTable,
@@ -300,16 +292,17 @@ pub struct LinkAttach {
 }
 
 impl Datapath {
-    /// Load the embedded object (maps pinned/re-used under `bpffs`), attach the programs to
-    /// `cgroup` or swap them into the pinned links, and return the handle.
-    pub fn start(opts: &DatapathOptions) -> Result<Self, EbpfError> {
+    /// Load the embedded object (maps pinned/re-used under the locked pin directory `pins`),
+    /// attach the programs to the cgroup v2 directory `cgroup` or swap them into the pinned
+    /// links, and return the handle (which holds `pins` from then on).
+    pub fn start(cgroup: &Path, pins: PinLock) -> Result<Self, EbpfError> {
         if let Err(e) = sys::raise_memlock_rlimit() {
             // Only matters before Linux 5.11 (memcg accounting since); loading tells if it did.
             tracing::debug!(error = %e, "could not raise RLIMIT_MEMLOCK");
         }
-        loader::prepare_bpffs(&opts.bpffs)?;
-        let (cgroup_file, cgroup_id) = loader::open_cgroup(&opts.cgroup)?;
-        let mut ebpf = loader::load_object(&opts.bpffs)?;
+        let bpffs = pins.path();
+        let (cgroup_file, cgroup_id) = loader::open_cgroup(cgroup)?;
+        let mut ebpf = loader::load_object(bpffs)?;
         let maps = maps::WritableMaps {
             proxy: take_map(&mut ebpf, maps::NG_PROXY)?,
             gateways: take_map(&mut ebpf, maps::NG_GATEWAYS)?,
@@ -320,11 +313,11 @@ impl Datapath {
             take_map(&mut ebpf, maps::NG_ORIG)?;
         let events: RingBuf<MapData> = take_map(&mut ebpf, maps::NG_EVENTS)?;
         let cgroup = links::Cgroup {
-            path: &opts.cgroup,
+            path: cgroup,
             file: &cgroup_file,
             id: cgroup_id,
         };
-        let attached = loader::attach_all(&mut ebpf, &opts.bpffs, &cgroup)?
+        let attached = loader::attach_all(&mut ebpf, bpffs, &cgroup)?
             .into_iter()
             .map(|(hook, done)| {
                 let (how, link_id) = match done {
@@ -341,7 +334,7 @@ impl Datapath {
             .collect();
         Ok(Self {
             _ebpf: ebpf,
-            bpffs: opts.bpffs.clone(),
+            pins,
             cgroup_id,
             maps,
             orig: OrigDstTable {
@@ -376,7 +369,7 @@ impl Datapath {
 
     /// The pin directory.
     pub fn bpffs(&self) -> &Path {
-        &self.bpffs
+        self.pins.path()
     }
 
     /// The id of the cgroup the programs are attached to.

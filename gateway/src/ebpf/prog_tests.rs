@@ -521,7 +521,7 @@ fn accept(listener: &std::net::TcpListener) -> (std::net::TcpStream, SocketAddr)
 fn datapath_redirects_records_and_reuses_links() {
     use std::{io::Write as _, os::unix::fs::MetadataExt as _};
 
-    use super::{Datapath, DatapathOptions, DesiredService, DesiredState, Mode};
+    use super::{Datapath, DesiredService, DesiredState, Mode, PinLock};
 
     let pins = PinDir::new();
     let cgroup = CgroupDir::new();
@@ -530,12 +530,9 @@ fn datapath_redirects_records_and_reuses_links() {
     let Ok(SocketAddr::V4(proxy_addr)) = proxy.local_addr() else {
         panic!("v4 listener")
     };
-    let opts = DatapathOptions {
-        cgroup: cgroup.0.clone(),
-        bpffs: pins.0.clone(),
-    };
+    let lock = || PinLock::acquire(&pins.0).expect("lock the pin directory");
 
-    let mut dp = Datapath::start(&opts).expect("start the datapath");
+    let mut dp = Datapath::start(&cgroup.0, lock()).expect("start the datapath");
     let first: Vec<_> = dp.links().to_vec();
     assert_eq!(
         first.iter().map(|l| (l.name, l.how)).collect::<Vec<_>>(),
@@ -625,7 +622,7 @@ fn datapath_redirects_records_and_reuses_links() {
     drop(dp);
 
     // Restart: the same four links get the new programs (no second attachment).
-    let dp = Datapath::start(&opts).expect("restart the datapath");
+    let dp = Datapath::start(&cgroup.0, lock()).expect("restart the datapath");
     for (before, after) in first.iter().zip(dp.links()) {
         assert_eq!(
             (after.name, after.how, after.link_id),
@@ -647,11 +644,7 @@ fn datapath_redirects_records_and_reuses_links() {
 
     // Another cgroup: the pinned links are replaced, not added to.
     let other = CgroupDir::new();
-    let dp = Datapath::start(&DatapathOptions {
-        cgroup: other.0.clone(),
-        bpffs: pins.0.clone(),
-    })
-    .unwrap();
+    let dp = Datapath::start(&other.0, lock()).unwrap();
     assert!(
         dp.links().iter().all(|l| l.how == "replaced"),
         "{:?}",

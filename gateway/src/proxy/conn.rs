@@ -242,7 +242,7 @@ fn forward_l4<'a>(
 /// it a required client certificate: refused (HTTP/1.1 gets a 400), with a connection line;
 /// audit mode logs it and hands the connection on (`Some`).
 async fn plain_to_tls(
-    client: TcpStream,
+    mut client: TcpStream,
     protocol: Protocol,
     mode: Mode,
     mut line: ConnectionLine<'_>,
@@ -260,49 +260,19 @@ async fn plain_to_tls(
         return Some(client);
     }
     match protocol {
-        Protocol::Http1 => answer_plain_http(client).await,
+        Protocol::Http1 => {
+            // nginx's words for it, as a refusal of the gateway's.
+            let answer = http::response::raw_refusal(
+                "The plain HTTP request was sent to an HTTPS port",
+                Reason::PlainHttpToTls.as_str(),
+                http::headers::RequestId::new().as_str(),
+                false,
+            );
+            http::answer_and_close(&mut client, &answer).await;
+        }
         Protocol::Http2 => refuse(&client),
     }
     None
-}
-
-/// The body of the answer to plain HTTP on a TLS service: nginx's words for it, as a refusal
-/// of the gateway's (JSON).
-const PLAIN_HTTP_BODY: &str = "{\"error\":\"The plain HTTP request was sent to an HTTPS port\",\
-                               \"reason\":\"plain_http_to_tls\",\"status\":400}\n";
-
-/// Answers a plain HTTP/1.1 client of a TLS service with a 400 and closes; the request is read
-/// (and dropped) first, for a moment, so that closing does not reset the connection before the
-/// client has read the answer.
-async fn answer_plain_http(mut client: TcpStream) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    const DRAIN: usize = 64 * 1024;
-    const WAIT: Duration = Duration::from_secs(1);
-    let answer = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncache-control: no-store\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n{PLAIN_HTTP_BODY}",
-        PLAIN_HTTP_BODY.len()
-    );
-    let answered = tokio::time::timeout(WAIT, async {
-        client.write_all(answer.as_bytes()).await?;
-        client.shutdown().await
-    })
-    .await;
-    if !matches!(answered, Ok(Ok(()))) {
-        refuse(&client);
-        return;
-    }
-    let mut buf = [0u8; 4096];
-    let mut drained = 0;
-    let _ = tokio::time::timeout(WAIT, async {
-        while drained < DRAIN {
-            match client.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => drained += n,
-            }
-        }
-    })
-    .await;
 }
 
 fn refuse(client: &TcpStream) {

@@ -451,11 +451,26 @@ where
     resolve_service(conn, &mut line);
     line.reason = reason;
     line.status = 400;
-    let bytes = response::raw_refusal(reason, request_id.as_str(), refused.accept_html);
-    let _ = stream.write_all(&bytes).await;
+    let bytes = response::raw_refusal(
+        "Bad request",
+        reason,
+        request_id.as_str(),
+        refused.accept_html,
+    );
+    answer_and_close(&mut stream, &bytes).await;
+    line.latency_us = micros(started);
+    line.emit(&conn.shared.metrics);
+}
+
+/// Writes `answer` (a whole response) on a connection hyper does not own, and closes it. What
+/// the client still sends is read (briefly) first, so that closing does not reset the
+/// connection and destroy the answer before it was read.
+pub(in crate::proxy) async fn answer_and_close<S>(stream: &mut S, answer: &[u8])
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = stream.write_all(answer).await;
     let _ = stream.shutdown().await;
-    // Read what the client still sends (briefly) so that closing does not reset the
-    // connection and destroy the 400 before it was read.
     let mut sink = vec![0u8; 16 * 1024];
     let mut left = LINGER_DRAIN;
     let _ = tokio::time::timeout(Duration::from_millis(200), async {
@@ -467,8 +482,6 @@ where
         }
     })
     .await;
-    line.latency_us = micros(started);
-    line.emit(&conn.shared.metrics);
 }
 
 fn log_conn_error(err: Option<hyper::Error>, conn: &Conn) {

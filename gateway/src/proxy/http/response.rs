@@ -95,15 +95,16 @@ pub fn refusal(r: Refusal<'_>) -> Response<ProxyBody> {
     resp
 }
 
-/// The 400 written on a connection whose framing was refused, before closing it (hyper no
-/// longer owns the connection at that point).
-pub fn raw_refusal(reason: &str, request_id: &str, html: bool) -> Vec<u8> {
+/// The 400 written on a connection before closing it, outside hyper: a refused framing (hyper
+/// no longer owns the connection), plain HTTP to a TLS service (hyper never did). `error` is
+/// the human-readable summary (`Bad request`).
+pub fn raw_refusal(error: &str, reason: &str, request_id: &str, html: bool) -> Vec<u8> {
     let content_type = if html {
         "text/html; charset=utf-8"
     } else {
         "application/json"
     };
-    let body = page_text(reason, request_id, html);
+    let body = page_text(error, reason, request_id, html);
     format!(
         "HTTP/1.1 400 Bad Request\r\ncontent-type: {content_type}\r\ncache-control: no-store\r\n\
          x-request-id: {request_id}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
@@ -112,18 +113,19 @@ pub fn raw_refusal(reason: &str, request_id: &str, html: bool) -> Vec<u8> {
     .into_bytes()
 }
 
-fn page_text(reason: &str, request_id: &str, html: bool) -> String {
+fn page_text(error: &str, reason: &str, request_id: &str, html: bool) -> String {
     if html {
         format!(
             "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Bad request</title></head>\n\
-             <body><h1>Bad request</h1>\n<p>The gateway refused this request (400).</p>\n\
+             <body><h1>{}</h1>\n<p>The gateway refused this request (400).</p>\n\
              <p>Reason: <code>{}</code><br>Request id: <code>{}</code></p></body></html>\n",
+            html_escape(error),
             html_escape(reason),
             html_escape(request_id)
         )
     } else {
         serde_json::json!({
-            "error": "Bad request",
+            "error": error,
             "status": 400,
             "reason": reason,
             "request_id": request_id,
@@ -160,14 +162,16 @@ mod tests {
 
     #[test]
     fn pages_escape_everything() {
-        let html = page_text("<script>\"x\"&'", "id<1>", true);
+        let html = page_text("Bad request", "<script>\"x\"&'", "id<1>", true);
         assert!(
             !html.contains("<script>") && html.contains("&lt;script&gt;&quot;x&quot;&amp;&#39;")
         );
         assert!(html.contains("id&lt;1&gt;"));
-        let json: serde_json::Value = serde_json::from_str(&page_text("a\"b", "c", false)).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&page_text("Bad request", "a\"b", "c", false)).unwrap();
         assert_eq!(json["reason"], "a\"b");
-        let raw = String::from_utf8(raw_refusal("framing_bare_lf", "ab12", false)).unwrap();
+        let raw = String::from_utf8(raw_refusal("Bad request", "framing_bare_lf", "ab12", false))
+            .unwrap();
         assert!(
             raw.starts_with("HTTP/1.1 400 Bad Request\r\n") && raw.contains("connection: close")
         );

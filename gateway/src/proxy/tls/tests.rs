@@ -242,6 +242,18 @@ fn config(
     Config::parse(&text, Origin::Embedded).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
+/// [`config`] with plain web and api backends, and the proxy serving it.
+async fn two_services(pki: &Pki) -> (Config, Proxy) {
+    let cfg = config(
+        pki,
+        backend("web", None).await,
+        backend("api", None).await,
+        "",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    (cfg, proxy)
+}
+
 #[derive(Default)]
 struct FakeOrig(Mutex<HashMap<SocketAddr, OrigDst>>);
 
@@ -470,13 +482,7 @@ async fn get(
 #[tokio::test]
 async fn sni_selects_the_service_its_certificate_and_policy() {
     let pki = Pki::new();
-    let cfg = config(
-        &pki,
-        backend("web", None).await,
-        backend("api", None).await,
-        "",
-    );
-    let p = Proxy::start(&cfg).await;
+    let (_, p) = two_services(&pki).await;
     let builder = Pki::client(&pki.clients, ALLOWED, false);
 
     // Dialed web's VIP, asked for web: web's certificate, web's backend, h2 by ALPN.
@@ -593,13 +599,7 @@ async fn a_kubernetes_service_terminates_tls_with_its_kubernetes_services_settin
 #[tokio::test]
 async fn client_certificates_are_identities_for_policy_and_refused_when_invalid() {
     let pki = Pki::new();
-    let cfg = config(
-        &pki,
-        backend("web", None).await,
-        backend("api", None).await,
-        "",
-    );
-    let p = Proxy::start(&cfg).await;
+    let (_, p) = two_services(&pki).await;
 
     // Allowed by its SPIFFE ID; identity headers sent by the client are not an identity.
     let s = p
@@ -783,13 +783,7 @@ async fn revoked_client_certificates_are_refused() {
 #[tokio::test]
 async fn plain_http_to_a_tls_service_is_refused() {
     let pki = Pki::new();
-    let cfg = config(
-        &pki,
-        backend("web", None).await,
-        backend("api", None).await,
-        "",
-    );
-    let p = Proxy::start(&cfg).await;
+    let (cfg, p) = two_services(&pki).await;
     // `api` requires a client certificate; its policy allows `/public` to anyone.
     let (status, body) = plain_get(p.tcp(API_VIP).await, API, "/public/x").await;
     assert_eq!(status, Some(400), "{body}");
@@ -984,13 +978,7 @@ async fn the_expiry_of_each_certificate_in_use_is_a_metric() {
         format!("nodegate_tls_certificate_expiry_timestamp_seconds{{service=\"web\"}} {at}")
     };
     let first = leaf(2031);
-    let cfg = config(
-        &pki,
-        backend("web", None).await,
-        backend("api", None).await,
-        "",
-    );
-    let p = Proxy::start(&cfg).await;
+    let (_, p) = two_services(&pki).await;
     let wait_for = |want: String| {
         let metrics = p.metrics.clone();
         async move {
@@ -1016,13 +1004,7 @@ async fn the_expiry_of_each_certificate_in_use_is_a_metric() {
 #[tokio::test]
 async fn replaced_certificate_files_apply_to_new_connections_only() {
     let pki = Pki::new();
-    let cfg = config(
-        &pki,
-        backend("web", None).await,
-        backend("api", None).await,
-        "",
-    );
-    let p = Proxy::start(&cfg).await;
+    let (_, p) = two_services(&pki).await;
     let old = p.tls(&pki, WEB_VIP, WEB, None, &[]).await.unwrap();
     let (mut send, conn) =
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(old))

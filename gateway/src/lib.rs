@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod ebpf;
+pub mod explain;
 pub mod policy;
 pub mod proxy;
 pub mod source;

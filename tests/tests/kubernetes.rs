@@ -571,6 +571,45 @@ fn connections_and_bypasses_name_the_source_pod_and_workload_rules_use_it() {
     assert_eq!(line["workload"]["service_account"], "other", "{line}");
     assert!(names_pod(&line, NS, "other"), "{line}");
 
+    // `gateway explain` asks the running gateway: the AccessPolicy and the pods it knows.
+    // The config file alone knows neither.
+    let admin = c.gw.config().admin.to_string();
+    let explain = |args: &[&str]| {
+        let mut cmd =
+            std::process::Command::new(c.node.tools().require_gateway().expect("gateway"));
+        cmd.args(["explain", "--service", WEB, "--path", "/by-workload"])
+            .args(args);
+        c.node
+            .node()
+            .run(cmd, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("gateway explain {args:?}: {e}"))
+    };
+    let client_ip = client.ipv4.to_string();
+    let out = explain(&["--admin", &admin, "--source", &client_ip, "--json"]);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let v = out.json().expect("explain --json");
+    assert_eq!(s(&v, "decision"), "allow", "{v}");
+    assert_eq!(s(&v, "rule"), "sa-client", "{v}");
+    assert_eq!(s(&v, "source"), "live", "{v}");
+    assert_eq!(
+        v["workload"],
+        json!({"namespace": NS, "service_account": "client", "pod": "client"}),
+        "{v}"
+    );
+    let other_ip = c.pod("other").ipv4.to_string();
+    let out = explain(&["--admin", &admin, "--source", &other_ip]);
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(
+        out.stdout.contains("DENY (no_rule_matched)")
+            && out.stdout.contains("workload  shop/other (pod other)")
+            && out.stdout.contains("live state of the running gateway"),
+        "{out:?}"
+    );
+    let config = c.gw.config_path().display().to_string();
+    let out = explain(&["--config", &config]);
+    assert_eq!(out.code(), Some(64), "{out:?}");
+    assert!(out.stderr.contains("no service \"shop/web\""), "{out:?}");
+
     // A process in pod client's network namespace that escaped the hooked cgroup dials the
     // backend directly: dropped in the kernel, and the bypass line names the local pod (by
     // its address).

@@ -1,229 +1,164 @@
 //! `gateway explain`: what the gateway would decide for one request, the rule that decided and
-//! every rule's verdict. Exit code: 0 allow, 2 deny, 64 bad input.
+//! every rule's verdict ([`crate::explain`]), from a config file (`--config`) or from the
+//! running daemon's live state (its admin server's `POST /explain`: what the Kubernetes source
+//! protects, the pods on the node, the keys as loaded). Exit code: 0 allow, 2 deny, 64 bad
+//! input.
 
-use std::{net::IpAddr, path::Path, sync::Arc};
-
-use serde::Serialize;
-use serde_json::Value;
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use super::CliError;
 use crate::{
-    auth::{Authenticator, NoopObserver},
-    config::{Config, HttpService, Service},
-    ebpf::Mode,
-    policy::{self, CanonicalPath, Explanation, RequestContext, Verdict},
-    proxy::{http::authn::policy_identity, routes::Workloads},
-    telemetry::decision::mode_str,
+    auth::Authenticator,
+    config::Config,
+    explain::{self, Explained, Origin, Query},
+    policy::RuleKind,
+    proxy::routes::Routes,
 };
 
 /// Exit code of a deny (`EX_USAGE` 64 stays for bad input).
 pub(super) const EXIT_DENY: u8 = 2;
+/// How long the daemon may take to answer (it verifies a token with keys it holds: no I/O).
+const LIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest answer read from the daemon.
+const LIVE_REPLY_MAX: u64 = 4 << 20;
 
-/// The request to explain, as given on the command line.
+/// Where the policies come from.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Request<'a> {
-    pub config: &'a Path,
-    pub service: &'a str,
-    pub method: &'a str,
-    pub path: &'a str,
-    pub host: Option<&'a str>,
-    pub token: Option<&'a Path>,
-    pub claims: Option<&'a str>,
-    pub workload: Option<&'a str>,
+pub(super) enum From<'a> {
+    /// A config file, as `gateway run --config` would load it.
+    Config(&'a Path),
+    /// The running daemon's admin server.
+    Live(SocketAddr),
+}
+
+/// `gateway explain`'s arguments.
+#[derive(Debug, clap::Args)]
+pub(super) struct Args {
+    /// Explain against this config file instead of the running gateway.
+    #[arg(long, short, value_name = "FILE", conflicts_with = "admin")]
+    pub config: Option<PathBuf>,
+    /// The running gateway's admin server (`admin.listen`; default 127.0.0.1:15021). It
+    /// answers explanations only to connections from its own host.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// The service (with a policy) to ask: its config name, or `namespace/name` for a
+    /// Service protected by its Kubernetes label.
+    #[arg(long)]
+    pub service: String,
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// The request target as sent (`/path?query`); ambiguous paths are denied as the
+    /// gateway would (400 before policy).
+    #[arg(long)]
+    pub path: String,
+    #[arg(long)]
+    pub host: Option<String>,
+    /// A bearer token (a file holding the JWT, or `Bearer <jwt>`), verified with the issuers'
+    /// keys: those the running gateway holds, or with `--config` the JWKS files read and the
+    /// URLs fetched once.
+    #[arg(long, value_name = "FILE", conflicts_with = "claims")]
+    pub token: Option<PathBuf>,
+    /// Claims as JSON, NOT verified: a dry run of what a token with them would get.
+    #[arg(long, value_name = "JSON")]
+    pub claims: Option<String>,
+    /// The calling workload, `namespace/service-account`.
+    #[arg(long, value_name = "NS/SA")]
+    pub workload: Option<String>,
+    /// The source address (for `source_cidr`, and the workload it belongs to: a pod on the
+    /// node, or a static workload's address).
+    #[arg(long, value_name = "IP")]
     pub source: Option<IpAddr>,
-    /// The SPIFFE ID of a verified client certificate.
-    pub spiffe_id: Option<&'a str>,
+    /// The SPIFFE ID of a verified client certificate (for `spiffe_id`).
+    #[arg(long, value_name = "ID")]
+    pub spiffe_id: Option<String>,
+    #[arg(long)]
     pub json: bool,
 }
 
-#[derive(Debug, Serialize)]
-struct Output<'a> {
-    service: &'a str,
-    mode: &'static str,
-    policy_version: &'a str,
-    method: &'a str,
-    path: &'a str,
-    host: Option<&'a str>,
-    identity: IdentityOut,
-    workload: Option<WorkloadOut>,
-    /// `allow` or `deny` (the policy's verdict; in audit mode a deny is forwarded as
-    /// `would_deny`).
-    decision: &'static str,
-    reason: String,
-    rule: Option<String>,
-    rules: Vec<policy::RuleTrace>,
-    notes: Vec<String>,
-}
-
-#[derive(Debug, Serialize)]
-struct IdentityOut {
-    kind: &'static str,
-    subject: Option<String>,
-    email: Option<String>,
-    groups: Vec<String>,
-    issuer: Option<String>,
-    /// `token` (verified), `claims` (unverified dry run) or `none`.
-    from: &'static str,
-}
-
-#[derive(Debug, Serialize)]
-struct WorkloadOut {
-    namespace: String,
-    service_account: String,
-}
-
-/// Runs the explanation; `Ok(true)` when the request would be allowed.
-pub(super) fn explain(req: &Request<'_>) -> Result<bool, CliError> {
-    if let Some(id) = req.spiffe_id {
-        policy::spiffe::check_id(id)
-            .map_err(|e| CliError::Input(format!("--spiffe-id {id:?}: {e}")))?;
+/// `gateway explain ARGS`: exit 0 allow, 2 deny ([`CliError::Denied`]), 64 bad input.
+pub(super) fn run(args: Args) -> Result<(), CliError> {
+    let Args {
+        config,
+        admin,
+        service,
+        method,
+        path,
+        host,
+        token,
+        claims,
+        workload,
+        source,
+        spiffe_id,
+        json,
+    } = args;
+    let query = Query {
+        service,
+        method,
+        path,
+        host,
+        token: token.as_deref().map(read_token).transpose()?,
+        claims: claims.as_deref().map(parse_claims).transpose()?,
+        workload,
+        source,
+        spiffe_id,
+    };
+    let from = match &config {
+        Some(file) => From::Config(file),
+        None => From::Live(admin.unwrap_or(crate::config::DEFAULT_ADMIN_LISTEN)),
+    };
+    if explain(from, &query, json)? {
+        Ok(())
+    } else {
+        Err(CliError::Denied)
     }
-    let config = Config::load(req.config)?;
-    let service = config
-        .services
-        .iter()
-        .find(|s| s.name == req.service)
-        .ok_or_else(|| {
-            CliError::Input(format!(
-                "no service {:?} in {} (services: {})",
-                req.service,
-                req.config.display(),
-                config
-                    .services
-                    .iter()
-                    .map(|s| s.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })?;
-    let Some(http) = &service.http else {
-        return Err(CliError::Input(format!(
-            "service {:?} has no policy: it is an L4 service (allow_sources only)",
-            req.service
-        )));
-    };
-    let mut notes = Vec::new();
-    let (identity, identity_out, auth_refusal) = identity(&config, req, &mut notes)?;
-    let workload = workload(&config, req)?;
-    let workload_out = workload.as_ref().map(|w| WorkloadOut {
-        namespace: w.namespace.clone(),
-        service_account: w.service_account.clone(),
-    });
+}
 
-    let mut out = Output {
-        service: &service.name,
-        mode: mode_str(service.mode),
-        policy_version: &http.policy.version,
-        method: req.method,
-        path: req.path,
-        host: req.host,
-        identity: identity_out,
-        workload: workload_out,
-        decision: "deny",
-        reason: String::new(),
-        rule: None,
-        rules: Vec::new(),
-        notes,
+/// Runs the explanation and prints it; `Ok(true)` when the request would be allowed.
+pub(super) fn explain(from: From<'_>, query: &Query, json: bool) -> Result<bool, CliError> {
+    let out = match from {
+        From::Config(path) => from_config(path, query)?,
+        From::Live(admin) => live(admin, query)?,
     };
-    let allowed = match CanonicalPath::parse(req.path.as_bytes()) {
-        Err(err) => {
-            err.reason_code().clone_into(&mut out.reason);
-            out.notes
-                .push(format!("the gateway answers 400 before policy: {err}"));
-            false
-        }
-        Ok(path) => {
-            let explanation = evaluate(http, &identity, workload.as_ref(), req, &path);
-            out.rules = explanation.rules;
-            out.rule = explanation.decision.rule_id.clone();
-            explanation
-                .decision
-                .reason
-                .as_str()
-                .clone_into(&mut out.reason);
-            // The gateway's order: Host (421) before authentication, a refused token (401)
-            // before the rules.
-            if !http.serves_host(req.host) {
-                "host_not_served".clone_into(&mut out.reason);
-                out.rule = None;
-                out.notes.push(format!(
-                    "host {:?} is not in http.hosts: the gateway answers 421 before policy",
-                    req.host.unwrap_or_default()
-                ));
-                false
-            } else if let Some(reason) = auth_refusal {
-                reason.clone_into(&mut out.reason);
-                out.rule = None;
-                false
-            } else {
-                explanation.decision.verdict == Verdict::Allow
-            }
-        }
-    };
-    out.decision = if allowed { "allow" } else { "deny" };
-    if !allowed && service.mode == Mode::Audit {
-        out.notes.push(
-            "the service is in audit mode: this request is forwarded and logged as would_deny"
-                .into(),
-        );
-    }
-    if req.json {
+    if json {
         let text =
             serde_json::to_string_pretty(&out).map_err(|e| CliError::Input(e.to_string()))?;
         println!("{text}");
     } else {
-        print!("{}", render(&out, service));
+        print!("{}", render(&out));
     }
-    Ok(allowed)
+    Ok(out.allowed())
 }
 
-fn evaluate(
-    http: &HttpService,
-    identity: &policy::Identity,
-    workload: Option<&policy::Workload>,
-    req: &Request<'_>,
-    path: &CanonicalPath,
-) -> Explanation {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    http.policy.compiled.explain(&RequestContext {
-        identity: identity.view(),
-        workload,
-        source_ip: req.source,
-        spiffe_id: req.spiffe_id,
-        method: req.method,
-        host: req.host,
-        path,
-        now,
-    })
+/// Reads the token file: the JWT, or `Bearer <jwt>`.
+pub(super) fn read_token(file: &Path) -> Result<String, CliError> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        CliError::Input(format!(
+            "cannot read the token file {}: {e}",
+            file.display()
+        ))
+    })?;
+    let token = text.trim();
+    Ok(crate::auth::parse_bearer(token).unwrap_or(token).to_owned())
 }
 
-type IdentityParts = (policy::Identity, IdentityOut, Option<&'static str>);
+/// `--claims`: a JSON object.
+pub(super) fn parse_claims(
+    json: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, CliError> {
+    serde_json::from_str(json)
+        .map_err(|e| CliError::Input(format!("--claims is not a JSON object: {e}")))
+}
 
-fn identity(
-    config: &Config,
-    req: &Request<'_>,
-    notes: &mut Vec<String>,
-) -> Result<IdentityParts, CliError> {
-    let none = IdentityOut {
-        kind: "anonymous",
-        subject: None,
-        email: None,
-        groups: Vec::new(),
-        issuer: None,
-        from: "none",
-    };
-    let auth = Authenticator::new(&config.auth, Arc::new(NoopObserver))?;
-    if let Some(file) = req.token {
-        let text = std::fs::read_to_string(file).map_err(|e| {
-            CliError::Input(format!(
-                "cannot read the token file {}: {e}",
-                file.display()
-            ))
-        })?;
-        let token = text.trim();
-        let token = crate::auth::parse_bearer(token).unwrap_or(token);
+fn from_config(path: &Path, query: &Query) -> Result<Explained, CliError> {
+    let config = Config::load(path)?;
+    let auth = Authenticator::new(&config.auth, std::sync::Arc::new(crate::auth::NoopObserver))?;
+    let mut notes = Vec::new();
+    if query.token.is_some() {
         // Keys: JWKS files are read locally; discovery/JWKS URLs are fetched once if reachable.
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -241,128 +176,94 @@ fn identity(
                 ));
             }
         }
-        return Ok(match auth.authenticate_now(token) {
-            Ok(id) => {
-                let out = IdentityOut {
-                    kind: id.kind.as_str(),
-                    subject: Some(id.subject.clone()),
-                    email: id.email.clone(),
-                    groups: id.groups.clone(),
-                    issuer: Some(id.issuer.clone()),
-                    from: "token",
-                };
-                (policy_identity(Some(&id)).to_identity(), out, None)
-            }
-            Err(err) => {
-                notes.push(format!("token refused: {}", super::error_chain(&err)));
-                (policy::Identity::anonymous(), none, Some(err.reason()))
-            }
-        });
     }
-    if let Some(json) = req.claims {
-        let claims: serde_json::Map<String, Value> = serde_json::from_str(json)
-            .map_err(|e| CliError::Input(format!("--claims is not a JSON object: {e}")))?;
-        notes.push("--claims: not verified (dry run)".into());
-        let mapped = auth
-            .map_unverified_claims(claims.clone())
-            .map_err(|e| CliError::Input(format!("--claims: {}", super::error_chain(&e))))?;
-        let identity = if let Some(id) = &mapped {
-            policy_identity(Some(id)).to_identity()
+    let routes = Routes::new(&config);
+    explain::explain(&routes, &auth, query, Origin::Config, notes)
+        .map_err(|e| CliError::Input(format!("{e} in {}", path.display())))
+}
+
+/// `POST /explain` to the daemon's admin server.
+fn live(admin: SocketAddr, query: &Query) -> Result<Explained, CliError> {
+    // An admin server listening on every address is asked on loopback.
+    let admin = if admin.ip().is_unspecified() {
+        let lo = if admin.is_ipv6() {
+            std::net::Ipv6Addr::LOCALHOST.into()
         } else {
-            notes.push(
-                "--claims: no configured issuer has this `iss`: mapped with the default \
-                     claims (sub, email, groups) as a user"
-                    .into(),
-            );
-            default_mapping(claims)
+            std::net::Ipv4Addr::LOCALHOST.into()
         };
-        let kind = match identity.kind {
-            policy::IdentityKind::User => "user",
-            policy::IdentityKind::Workload => "workload",
-            policy::IdentityKind::Anonymous => "anonymous",
-        };
-        let out = IdentityOut {
-            kind,
-            subject: identity.subject.clone(),
-            email: identity.email.clone(),
-            groups: identity.groups.clone(),
-            issuer: identity.issuer.clone(),
-            from: "claims",
-        };
-        return Ok((identity, out, None));
-    }
-    Ok((policy::Identity::anonymous(), none, None))
-}
-
-fn default_mapping(claims: serde_json::Map<String, Value>) -> policy::Identity {
-    let string = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_owned);
-    let groups = match claims.get("groups") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_owned)
-            .collect(),
-        Some(Value::String(s)) => s
-            .split(|c: char| c == ',' || c.is_ascii_whitespace())
-            .filter(|g| !g.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        _ => Vec::new(),
+        SocketAddr::new(lo, admin.port())
+    } else {
+        admin
     };
-    policy::Identity {
-        kind: policy::IdentityKind::User,
-        subject: string("sub"),
-        email: string("email"),
-        groups,
-        issuer: string("iss"),
-        claims,
+    let unreachable = |e: &dyn std::fmt::Display| {
+        CliError::Input(format!(
+            "cannot ask the running gateway at {admin} ({e}): is it running, and is this its \
+             admin.listen (--admin)? Or explain a config file with --config"
+        ))
+    };
+    let body = serde_json::to_vec(query).map_err(|e| CliError::Input(e.to_string()))?;
+    let mut stream =
+        TcpStream::connect_timeout(&admin, LIVE_TIMEOUT).map_err(|e| unreachable(&e))?;
+    stream
+        .set_read_timeout(Some(LIVE_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(LIVE_TIMEOUT)))
+        .map_err(|e| unreachable(&e))?;
+    let head = format!(
+        "POST /explain HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(&body))
+        .map_err(|e| unreachable(&e))?;
+    let mut reply = Vec::new();
+    stream
+        .take(LIVE_REPLY_MAX)
+        .read_to_end(&mut reply)
+        .map_err(|e| unreachable(&e))?;
+    let reply = String::from_utf8_lossy(&reply);
+    let (head, body) = reply
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| unreachable(&"not an HTTP reply"))?;
+    let status = head.lines().next().unwrap_or_default();
+    if status.starts_with("HTTP/1.1 200") {
+        return serde_json::from_str(body)
+            .map_err(|e| unreachable(&format!("not the gateway's explanation: {e}")));
     }
+    if status.starts_with("HTTP/1.1 400") {
+        return Err(CliError::Input(format!(
+            "{} (live state of {admin})",
+            body.trim()
+        )));
+    }
+    Err(unreachable(&format!("{status}: {}", body.trim())))
 }
 
-fn workload(config: &Config, req: &Request<'_>) -> Result<Option<policy::Workload>, CliError> {
-    let table = Workloads::new(&config.workloads);
-    if let Some(w) = req.workload {
-        let Some((ns, sa)) = w
-            .split_once('/')
-            .filter(|(n, s)| !n.is_empty() && !s.is_empty())
-        else {
-            return Err(CliError::Input(format!(
-                "--workload {w:?} is not namespace/service-account"
-            )));
-        };
-        // Labels are those of a configured workload of that name, if any.
-        let labels = config
-            .workloads
-            .iter()
-            .find(|c| c.namespace == ns && c.service_account == sa)
-            .map(|c| c.labels.clone())
-            .unwrap_or_default();
-        return Ok(Some(policy::Workload {
-            namespace: ns.to_owned(),
-            service_account: sa.to_owned(),
-            labels,
-        }));
-    }
-    Ok(req
-        .source
-        .and_then(|ip| table.lookup(None, ip))
-        .map(|e| e.policy.clone()))
-}
-
-fn render(out: &Output<'_>, service: &Service) -> String {
+fn render(out: &Explained) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "service   {} (mode {}, policy {})",
-        service.name, out.mode, out.policy_version
+        "service   {} (mode {}, policy {}, {})",
+        out.service,
+        out.mode,
+        out.policy_version,
+        if out.source == "live" {
+            "live state of the running gateway"
+        } else {
+            "from the config file"
+        }
     );
     let _ = writeln!(
         s,
         "request   {} {}{}",
         out.method,
         out.path,
-        out.host.map(|h| format!(" (host {h})")).unwrap_or_default()
+        out.host
+            .as_ref()
+            .map(|h| format!(" (host {h})"))
+            .unwrap_or_default()
     );
     let id = &out.identity;
     let _ = write!(s, "identity  {}", id.kind);
@@ -380,7 +281,11 @@ fn render(out: &Output<'_>, service: &Service) -> String {
     }
     let _ = writeln!(s, " (from {})", id.from);
     if let Some(w) = &out.workload {
-        let _ = writeln!(s, "workload  {}/{}", w.namespace, w.service_account);
+        let _ = write!(s, "workload  {}/{}", w.namespace, w.service_account);
+        if let Some(pod) = &w.pod {
+            let _ = write!(s, " (pod {pod})");
+        }
+        s.push('\n');
     }
     let _ = writeln!(
         s,
@@ -404,7 +309,7 @@ fn render(out: &Output<'_>, service: &Service) -> String {
         ]);
         for r in &out.rules {
             table.row(vec![
-                r.kind.as_str().to_owned(),
+                RuleKind::as_str(r.kind).to_owned(),
                 r.id.clone(),
                 if r.matched { "match" } else { "-" }.to_owned(),
                 r.why.clone(),
@@ -425,7 +330,7 @@ mod tests {
 
     const EC1: &str = include_str!("../auth/testdata/ec1.pem");
 
-    struct Files(Vec<std::path::PathBuf>);
+    struct Files(Vec<PathBuf>);
 
     impl Drop for Files {
         fn drop(&mut self) {
@@ -435,7 +340,7 @@ mod tests {
         }
     }
 
-    fn write(files: &mut Files, name: &str, text: &str) -> std::path::PathBuf {
+    fn write(files: &mut Files, name: &str, text: &str) -> PathBuf {
         let path =
             std::env::temp_dir().join(format!("nodegate-explain-{}-{name}", std::process::id()));
         std::fs::write(&path, text).unwrap();
@@ -485,112 +390,119 @@ mod tests {
             &jsonwebtoken::encode(&header, &expired, &key).unwrap(),
         );
 
-        let base = Request {
-            config: &config,
-            service: "web",
-            method: "GET",
-            path: "/app",
-            host: None,
-            token: None,
-            claims: None,
-            workload: None,
-            source: None,
-            spiffe_id: None,
-            json: true,
+        let base = Query {
+            service: "web".into(),
+            method: "GET".into(),
+            path: "/app".into(),
+            ..Query::default()
         };
+        let run = |q: Query| explain(From::Config(&config), &q, true);
+        let token = read_token(&token).unwrap();
+        let expired = read_token(&expired).unwrap();
         assert!(
-            explain(&Request {
-                token: Some(&token),
-                ..base
+            run(Query {
+                token: Some(token.clone()),
+                ..base.clone()
             })
             .unwrap()
         );
         assert!(
-            !explain(&Request {
-                token: Some(&token),
-                path: "/admin/x",
-                ..base
+            !run(Query {
+                token: Some(token.clone()),
+                path: "/admin/x".into(),
+                ..base.clone()
             })
             .unwrap()
         );
         assert!(
-            !explain(&Request {
-                token: Some(&expired),
-                ..base
+            !run(Query {
+                token: Some(expired),
+                ..base.clone()
             })
             .unwrap()
         );
-        assert!(!explain(&base).unwrap(), "anonymous");
+        assert!(!run(base.clone()).unwrap(), "anonymous");
         assert!(
-            !explain(&Request {
-                token: Some(&token),
-                path: "/a/../admin",
-                ..base
-            })
-            .unwrap()
-        );
-        assert!(
-            explain(&Request {
-                claims: Some(r#"{"iss":"https://idp.test","sub":"bob","groups":["devs"]}"#),
-                ..base
+            !run(Query {
+                token: Some(token),
+                path: "/a/../admin".into(),
+                ..base.clone()
             })
             .unwrap()
         );
         assert!(
-            explain(&Request {
-                workload: Some("ci/builder"),
-                ..base
+            run(Query {
+                claims: Some(
+                    parse_claims(r#"{"iss":"https://idp.test","sub":"bob","groups":["devs"]}"#)
+                        .unwrap()
+                ),
+                ..base.clone()
             })
             .unwrap()
         );
         assert!(
-            explain(&Request {
+            run(Query {
+                workload: Some("ci/builder".into()),
+                ..base.clone()
+            })
+            .unwrap()
+        );
+        assert!(
+            run(Query {
                 source: "10.0.0.9".parse().ok(),
-                ..base
+                ..base.clone()
             })
             .unwrap()
         );
         assert!(
-            explain(&Request {
-                spiffe_id: Some("spiffe://td.test/ns/ci/sa/builder"),
-                ..base
+            run(Query {
+                spiffe_id: Some("spiffe://td.test/ns/ci/sa/builder".into()),
+                ..base.clone()
             })
             .unwrap()
         );
         assert!(
-            !explain(&Request {
-                spiffe_id: Some("spiffe://other.test/ns/ci/sa/builder"),
-                ..base
+            !run(Query {
+                spiffe_id: Some("spiffe://other.test/ns/ci/sa/builder".into()),
+                ..base.clone()
             })
             .unwrap()
         );
         for bad in [
-            Request {
-                spiffe_id: Some("https://td.test/x"),
-                ..base
+            Query {
+                spiffe_id: Some("https://td.test/x".into()),
+                ..base.clone()
             },
-            Request {
-                service: "nope",
-                ..base
+            Query {
+                service: "nope".into(),
+                ..base.clone()
             },
-            Request {
-                service: "l4",
-                ..base
+            Query {
+                service: "l4".into(),
+                ..base.clone()
             },
-            Request {
-                claims: Some("[1]"),
-                ..base
+            Query {
+                workload: Some("ci".into()),
+                ..base.clone()
             },
-            Request {
-                workload: Some("ci"),
-                ..base
+            Query {
+                workload: Some("ci/a/b".into()),
+                ..base.clone()
             },
         ] {
-            assert_eq!(
-                explain(&bad).unwrap_err().exit_code(),
-                super::super::EXIT_USAGE
-            );
+            assert_eq!(run(bad).unwrap_err().exit_code(), super::super::EXIT_USAGE);
         }
+        assert_eq!(
+            parse_claims("[1]").unwrap_err().exit_code(),
+            super::super::EXIT_USAGE
+        );
+        // Nobody listens there: a clear error, not a hang or a deny.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let err = explain(From::Live(addr), &base, true).unwrap_err();
+        assert_eq!(err.exit_code(), super::super::EXIT_USAGE);
+        assert!(err.to_string().contains("--config"), "{err}");
         assert_eq!(CliError::Denied.exit_code(), EXIT_DENY);
     }
 }

@@ -10,7 +10,7 @@ mod run;
 mod table;
 
 use std::{
-    net::IpAddr,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -81,7 +81,7 @@ enum Command {
         /// The running daemon's admin address, for its readiness and the Kubernetes source's
         /// health (default: the config's `admin.listen`, else 127.0.0.1:15021).
         #[arg(long, value_name = "ADDR")]
-        admin: Option<std::net::SocketAddr>,
+        admin: Option<SocketAddr>,
     },
     /// Validate a config file: exit 0 with a summary, or a message and exit 64.
     CheckConfig {
@@ -94,40 +94,10 @@ enum Command {
         pins: Pins,
     },
     /// What the gateway would decide for one HTTP request: the decision, the deciding rule
-    /// and every rule's verdict. Exit 0 allow, 2 deny, 64 bad input.
-    Explain {
-        #[arg(long, short, value_name = "FILE")]
-        config: PathBuf,
-        /// The service (with a policy) to ask.
-        #[arg(long)]
-        service: String,
-        #[arg(long, default_value = "GET")]
-        method: String,
-        /// The request target as sent (`/path?query`); ambiguous paths are denied as the
-        /// gateway would (400 before policy).
-        #[arg(long)]
-        path: String,
-        #[arg(long)]
-        host: Option<String>,
-        /// A bearer token (a file holding the JWT, or `Bearer <jwt>`), verified with the
-        /// configured issuers' keys (JWKS files read, URLs fetched once).
-        #[arg(long, value_name = "FILE", conflicts_with = "claims")]
-        token: Option<PathBuf>,
-        /// Claims as JSON, NOT verified: a dry run of what a token with them would get.
-        #[arg(long, value_name = "JSON")]
-        claims: Option<String>,
-        /// The calling workload, `namespace/service-account`.
-        #[arg(long, value_name = "NS/SA")]
-        workload: Option<String>,
-        /// The source address (for `source_cidr` and the static workloads' addresses).
-        #[arg(long, value_name = "IP")]
-        source: Option<IpAddr>,
-        /// The SPIFFE ID of a verified client certificate (for `spiffe_id`).
-        #[arg(long, value_name = "ID")]
-        spiffe_id: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    /// and every rule's verdict. From the running gateway's live state (its admin server:
+    /// Kubernetes services and their `AccessPolicy`, the node's pods, the keys as loaded), or
+    /// from a config file with `--config`. Exit 0 allow, 2 deny, 64 bad input.
+    Explain(explain::Args),
     /// Show the decision log file as a table (or its JSON lines), filtered.
     Decisions {
         /// The decision log file.
@@ -306,38 +276,7 @@ fn dispatch(command: Command) -> Result<(), CliError> {
             inspect::status(&pins.dir()?, json, admin)
         }
         Command::Detach { pins } => inspect::detach(&pins.dir()?),
-        Command::Explain {
-            config,
-            service,
-            method,
-            path,
-            host,
-            token,
-            claims,
-            workload,
-            source,
-            spiffe_id,
-            json,
-        } => {
-            let allowed = explain::explain(&explain::Request {
-                config: &config,
-                service: &service,
-                method: &method,
-                path: &path,
-                host: host.as_deref(),
-                token: token.as_deref(),
-                claims: claims.as_deref(),
-                workload: workload.as_deref(),
-                source,
-                spiffe_id: spiffe_id.as_deref(),
-                json,
-            })?;
-            if allowed {
-                Ok(())
-            } else {
-                Err(CliError::Denied)
-            }
-        }
+        Command::Explain(args) => explain::run(args),
         Command::Decisions {
             file,
             config,

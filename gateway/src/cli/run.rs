@@ -86,6 +86,7 @@ pub(super) fn run(path: Option<&Path>, overrides: &Overrides) -> Result<(), CliE
     let (datapath, events) = start_datapath(&config, pins, &readiness, &control)?;
     let listeners = proxy::bind(&config.proxy.listeners())?;
     let routes = Routes::shared(&config);
+    admin.serve_explain(routes.clone(), auth.clone());
     let shared = Arc::new(proxy::Shared {
         node: config.node.clone(),
         routes: routes.clone(),

@@ -5,7 +5,7 @@
 //! same `Node::matches` the evaluator uses, so it doubles as the reference implementation the
 //! indexed evaluator is tested against.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::matcher::{CompiledPolicy, Decision, Node, Prepared, RuleSet, StrSet};
 use super::model::{ClaimOp, ClaimScalar, IdentityKind, RequestContext, RuleKind};
@@ -20,7 +20,7 @@ pub struct Explanation {
 }
 
 /// One rule's verdict.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleTrace {
     pub kind: RuleKind,
     pub id: String,

@@ -10,7 +10,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::path::{CanonicalPath, MAX_PATH_LEN};
 use super::spiffe::SpiffePattern;
@@ -179,7 +179,7 @@ pub enum InvalidPolicy {
 }
 
 /// Allow or deny list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RuleKind {
     Allow,

@@ -83,6 +83,14 @@ impl Workloads {
         Self { entries, by_cgroup }
     }
 
+    /// A workload of that namespace and service account (the first one known: pods of one
+    /// account usually share their labels).
+    pub fn by_account(&self, namespace: &str, service_account: &str) -> Option<&WorkloadEntry> {
+        self.entries.iter().find(|e| {
+            e.policy.namespace == namespace && e.policy.service_account == service_account
+        })
+    }
+
     /// The workload of a connection: by the cgroup the kernel saw the `connect()` in (exact),
     /// else by the source address (a pod IP, or a host-network process's node address).
     pub fn lookup(&self, cgroup_id: Option<u64>, src: IpAddr) -> Option<&WorkloadEntry> {

@@ -13,8 +13,8 @@ mod kube_common;
 use std::time::{Duration, Instant};
 
 use nodegate_tests::harness::{
-    Endpoint, Gateway, HttpRequest, KubeApi, KubeletDriver, Node, NodeSpec, Place, Proc,
-    ServiceObject, kube,
+    ADMIN_PORT, Endpoint, Gateway, GatewayConfig, HttpRequest, KubeApi, KubeletDriver, Node,
+    NodeSpec, Place, Proc, ServiceObject, kube,
 };
 use serde_json::{Value, json};
 
@@ -49,6 +49,16 @@ impl Cluster {
     /// Builds node `name`, starts the API server with the pods and `objects`, the backends and
     /// the gateway (ready: it has applied its first snapshot).
     fn start(name: &str, driver: KubeletDriver, objects: impl FnOnce(&Node) -> Vec<Value>) -> Self {
+        Self::start_with(name, driver, objects, |_, config| config)
+    }
+
+    /// Like [`Self::start`], with the gateway's config changed by `tweak`.
+    fn start_with(
+        name: &str,
+        driver: KubeletDriver,
+        objects: impl FnOnce(&Node) -> Vec<Value>,
+        tweak: impl FnOnce(&Node, GatewayConfig) -> GatewayConfig,
+    ) -> Self {
         let node = Node::new(
             NodeSpec::new(name)
                 .pods(&PODS.map(|(p, _)| p))
@@ -71,7 +81,7 @@ impl Cluster {
                     .unwrap_or_else(|e| panic!("ngpeer serve in {b}: {e}"))
             })
             .collect();
-        let gw = start(&node, kube_config(&node, &api));
+        let gw = start(&node, tweak(&node, kube_config(&node, &api)));
         Self {
             node,
             api,
@@ -535,9 +545,17 @@ fn an_invalid_access_policy_is_reported_and_denies_all() {
 fn connections_and_bypasses_name_the_source_pod_and_workload_rules_use_it() {
     // The systemd layout (kubepods.slice/...), found by `cgroup_driver: auto`.
     let policy = allow_accounts(&["client"]);
-    let c = Cluster::start("k8sident", KubeletDriver::Systemd, |node| {
-        web_objects(node, &web(node).policy(&policy).protected(true), &["web1"])
-    });
+    // The admin server on the node's address (as with `admin.listen: 0.0.0.0:…` for a
+    // scraper): pods reach it, and `/explain` must refuse them.
+    let c = Cluster::start_with(
+        "k8sident",
+        KubeletDriver::Systemd,
+        |node| web_objects(node, &web(node).policy(&policy).protected(true), &["web1"]),
+        |node, mut config| {
+            config.admin = std::net::SocketAddr::new(node.node().ipv4.into(), ADMIN_PORT);
+            config
+        },
+    );
     wait_dests(
         &c.gw,
         WEB,
@@ -571,8 +589,33 @@ fn connections_and_bypasses_name_the_source_pod_and_workload_rules_use_it() {
     assert_eq!(line["workload"]["service_account"], "other", "{line}");
     assert!(names_pod(&line, NS, "other"), "{line}");
 
-    // `gateway explain` asks the running gateway: the AccessPolicy and the pods it knows.
-    // The config file alone knows neither.
+    assert_live_explain(&c);
+
+    // A process in pod client's network namespace that escaped the hooked cgroup dials the
+    // backend directly: dropped in the kernel, and the bypass line names the local pod (by
+    // its address).
+    let mut rogue = client.clone();
+    rogue.cgroup = c.node.node().cgroup.clone();
+    let target = c.pod("web1").v4(BACKEND_PORT);
+    assert_timed_out(&dial(&rogue, target, "around", DROP_TIMEOUT));
+    let line = bypass_line(&c.gw, client.ipv4.into(), target, "dropped");
+    assert_eq!(s(&line, "service"), WEB, "{line}");
+    assert!(
+        names_pod(&line, NS, "client"),
+        "the bypass line names the source pod: {line}"
+    );
+    assert!(counters(&c.gw).syns(WEB, client.ipv4.into(), "not_from_gateway", "dropped") >= 1);
+    // The foreign node is no pod: its bypass line names none.
+    let foreign = c.node.foreign();
+    assert_timed_out(&dial(foreign, target, "foreign", DROP_TIMEOUT));
+    let line = bypass_line(&c.gw, foreign.ipv4.into(), target, "dropped");
+    assert!(line.get("src_pod").is_none(), "{line}");
+}
+
+/// `gateway explain` asks the running gateway: the `AccessPolicy` and the pods it knows (the
+/// config file alone knows neither); `/explain` answers only the gateway's own host.
+fn assert_live_explain(c: &Cluster) {
+    let client = c.pod("client");
     let admin = c.gw.config().admin.to_string();
     let explain = |args: &[&str]| {
         let mut cmd =
@@ -605,30 +648,24 @@ fn connections_and_bypasses_name_the_source_pod_and_workload_rules_use_it() {
             && out.stdout.contains("live state of the running gateway"),
         "{out:?}"
     );
+    // From a pod: the admin server answers its metrics, but explains nothing.
+    let query = format!(r#"{{"service":"{WEB}","path":"/by-workload"}}"#);
+    let from_pod = send(
+        client,
+        &HttpRequest::get(&format!("http://{admin}/explain"))
+            .method("POST")
+            .body(&query),
+    );
+    assert_eq!(from_pod.status, 403, "{from_pod:?}");
+    let metrics = send(
+        client,
+        &HttpRequest::get(&format!("http://{admin}/metrics")),
+    );
+    assert_eq!(metrics.status, 200, "{metrics:?}");
     let config = c.gw.config_path().display().to_string();
     let out = explain(&["--config", &config]);
     assert_eq!(out.code(), Some(64), "{out:?}");
     assert!(out.stderr.contains("no service \"shop/web\""), "{out:?}");
-
-    // A process in pod client's network namespace that escaped the hooked cgroup dials the
-    // backend directly: dropped in the kernel, and the bypass line names the local pod (by
-    // its address).
-    let mut rogue = client.clone();
-    rogue.cgroup = c.node.node().cgroup.clone();
-    let target = c.pod("web1").v4(BACKEND_PORT);
-    assert_timed_out(&dial(&rogue, target, "around", DROP_TIMEOUT));
-    let line = bypass_line(&c.gw, client.ipv4.into(), target, "dropped");
-    assert_eq!(s(&line, "service"), WEB, "{line}");
-    assert!(
-        names_pod(&line, NS, "client"),
-        "the bypass line names the source pod: {line}"
-    );
-    assert!(counters(&c.gw).syns(WEB, client.ipv4.into(), "not_from_gateway", "dropped") >= 1);
-    // The foreign node is no pod: its bypass line names none.
-    let foreign = c.node.foreign();
-    assert_timed_out(&dial(foreign, target, "foreign", DROP_TIMEOUT));
-    let line = bypass_line(&c.gw, foreign.ipv4.into(), target, "dropped");
-    assert!(line.get("src_pod").is_none(), "{line}");
 }
 
 /// A labelled Service's TLS certificate and Host names come from the config's

@@ -212,6 +212,9 @@ pub const STAT_SOCKOPS_MISSED: u32 = 4;
 pub const STAT_INGRESS_PACKETS: u32 = 5;
 pub const STAT_INGRESS_DROPS: u32 = 6;
 pub const STAT_RINGBUF_FULL: u32 = 7;
+/// Bypass packets (and refused connects) whose counter key could not be created: `NG_BYPASS`
+/// is full. The packet is still dropped; only its per-source count is missing.
+pub const STAT_BYPASS_UNCOUNTED: u32 = 8;
 pub const STAT_MAX: u32 = 16;
 
 const _: () = assert!(size_of::<Addr>() == 16);

@@ -17,7 +17,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, BPF_NOEXIST, bpf_sock_addr},
+    bindings::{BPF_ANY, bpf_sock_addr},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
         bpf_ktime_get_ns,
@@ -31,7 +31,7 @@ use gateway_common::{
 };
 
 use crate::{
-    ingress::NG_BYPASS,
+    ingress::count_bypass,
     maps::{NG_DESTS, NG_PENDING, NG_PROXY, stat_inc},
 };
 
@@ -217,16 +217,13 @@ fn refuse(dest: &DestValue) -> i32 {
         _pad: 0,
         src: Addr::default(),
     };
-    if let Some(c) = NG_BYPASS.get_ptr_mut(&key) {
-        // SAFETY: this CPU's slot of a per-CPU hash value.
-        unsafe { (*c).syns += 1 };
-    } else {
-        let one = BypassCount {
+    count_bypass(
+        &key,
+        &BypassCount {
             syns: 1,
             packets: 0,
             bytes: 0,
-        };
-        let _ = NG_BYPASS.insert(&key, &one, u64::from(BPF_NOEXIST));
-    }
+        },
+    );
     REFUSE
 }

@@ -28,7 +28,8 @@ use aya_ebpf::{
 };
 use gateway_common::{
     ACTION_DROPPED, ACTION_PASSED, Addr, BypassCount, BypassEvent, BypassKey, DestKey, MODE_AUDIT,
-    REASON_NOT_FROM_GATEWAY, STAT_INGRESS_DROPS, STAT_INGRESS_PACKETS, STAT_RINGBUF_FULL,
+    REASON_NOT_FROM_GATEWAY, STAT_BYPASS_UNCOUNTED, STAT_INGRESS_DROPS, STAT_INGRESS_PACKETS,
+    STAT_RINGBUF_FULL,
 };
 
 use crate::maps::{NG_DESTS, stat_inc};
@@ -229,35 +230,45 @@ fn parse_tcp(ctx: &SkBuffContext, off: usize, src: Addr, dst: Addr) -> Option<Pa
 /// Adds the packet to this CPU's slot of the counter.
 #[inline(always)]
 fn count(key: &BypassKey, syn: bool, bytes: u64) {
-    let syns = u64::from(syn);
-    if add(key, syns, bytes) {
+    count_bypass(
+        key,
+        &BypassCount {
+            syns: u64::from(syn),
+            packets: 1,
+            bytes,
+        },
+    );
+}
+
+/// Adds `delta` to this CPU's slot of `key`'s counter, creating it. A full map cannot take a
+/// new key: that is counted in `STAT_BYPASS_UNCOUNTED` (the drop itself stands), so that a
+/// source flood filling the map is seen, not silently uncounted.
+#[inline(always)]
+pub fn count_bypass(key: &BypassKey, delta: &BypassCount) {
+    if add(key, delta) {
         return;
     }
-    let first = BypassCount {
-        syns,
-        packets: 1,
-        bytes,
-    };
     // A concurrent first packet on another CPU may have created the key in between (EEXIST):
-    // add to our slot of that entry instead. A full map loses the count (the drop stands).
+    // add to our slot of that entry instead.
     if NG_BYPASS
-        .insert(key, &first, u64::from(BPF_NOEXIST))
+        .insert(key, delta, u64::from(BPF_NOEXIST))
         .is_err()
+        && !add(key, delta)
     {
-        add(key, syns, bytes);
+        stat_inc(STAT_BYPASS_UNCOUNTED);
     }
 }
 
 #[inline(always)]
-fn add(key: &BypassKey, syns: u64, bytes: u64) -> bool {
+fn add(key: &BypassKey, delta: &BypassCount) -> bool {
     let Some(c) = NG_BYPASS.get_ptr_mut(key) else {
         return false;
     };
     // SAFETY: this CPU's slot of a per-CPU hash value; nothing else writes it meanwhile.
     unsafe {
-        (*c).syns += syns;
-        (*c).packets += 1;
-        (*c).bytes += bytes;
+        (*c).syns += delta.syns;
+        (*c).packets += delta.packets;
+        (*c).bytes += delta.bytes;
     }
     true
 }

@@ -4,6 +4,7 @@
 mod common;
 
 use std::{
+    fmt::Write as _,
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
@@ -557,4 +558,75 @@ fn a_large_transfer_streams_through_the_proxy_without_buffering() {
         grown < 16 * 1024,
         "gateway peak RSS grew by {grown} KiB for a {SIZE}-byte transfer"
     );
+}
+
+/// `NG_BYPASS` holds 65,536 (service, source, reason, action) keys. A flood from that many
+/// (spoofable) sources fills it; a bypass from a source after that is still dropped, and the
+/// count it could not get is counted in `bypass_uncounted` (`gateway counters`, `/metrics`)
+/// instead of vanishing.
+#[test]
+fn a_full_bypass_map_still_drops_and_counts_what_it_could_not_key() {
+    const CAPACITY: u32 = 65_536;
+    let node = node("bypassfull", &["a", "b"]);
+    let (b, foreign) = (node.pod("b"), node.foreign());
+    let _backend = b.serve(8080, "b").expect("backend");
+    let gw = start(&node, config(&node, vec![web(&node, Mode::Enforce)]));
+    assert_eq!(counters(&gw).stat("bypass_uncounted"), 0);
+
+    // Fill the map as a flood from 198.18.0.0/16 would (a service id no service has), with
+    // bpftool, one command per key.
+    let map = gw.config().bpffs.join("NG_BYPASS");
+    let mut batch = String::new();
+    for i in 0..CAPACITY {
+        let [.., hi, lo] = i.to_be_bytes();
+        let _ = writeln!(
+            batch,
+            "map update pinned {} key hex f0 ff ff ff 01 00 01 00 \
+             00 00 00 00 00 00 00 00 00 00 ff ff c6 12 {hi:02x} {lo:02x} \
+             value hex 01 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00 3c 00 00 00 00 00 00 00",
+            map.display()
+        );
+    }
+    let file = node.dir().join("fill-bypass.batch");
+    std::fs::write(&file, batch).expect("write the batch");
+    let mut cmd = std::process::Command::new("bpftool");
+    cmd.arg("batch").arg("file").arg(&file);
+    let out = node
+        .node()
+        .run(cmd, Duration::from_secs(120))
+        .expect("bpftool batch");
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert_eq!(
+        counters(&gw)
+            .rows()
+            .iter()
+            .filter(|r| r["service_id"] == 0xffff_fff0_u32)
+            .count(),
+        CAPACITY as usize,
+        "the map is full"
+    );
+
+    let target = b.v4(8080);
+    let source = IpAddr::from(foreign.ipv4);
+    assert_timed_out(&dial(foreign, target, "sneak", DROP_TIMEOUT));
+    let after = counters(&gw);
+    assert_eq!(
+        after.syns("web", source, NOT_FROM_GATEWAY, "dropped"),
+        0,
+        "no room for the source's own row"
+    );
+    assert!(
+        after.stat("bypass_uncounted") >= 1,
+        "stats: {:?}",
+        after.0.get("stats")
+    );
+    // The bypass line is still written (the event ring is apart from the counters).
+    let line = bypass_line(&gw, source, target, "dropped");
+    assert_eq!(s(&line, "service"), "web", "{line}");
+    let metrics = gw.metrics().expect("/metrics");
+    let uncounted = metric_value(
+        &metrics,
+        r#"nodegate_datapath_stats_total{stat="bypass_uncounted"}"#,
+    );
+    assert!(uncounted >= Some(1.0), "/metrics:\n{metrics}");
 }

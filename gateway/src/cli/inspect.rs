@@ -81,6 +81,15 @@ fn render_counters(counters: &inspect::Counters) -> String {
         out.push('\n');
         out.push_str(&t.render());
     }
+    if let Some(&n) = counters.stats.get("bypass_uncounted")
+        && n > 0
+    {
+        let _ = writeln!(
+            out,
+            "\nwarning: {n} bypass packet(s) were dropped without a row above: the counter map \
+             (NG_BYPASS, 65536 keys) is full, e.g. after a flood from many sources"
+        );
+    }
     out
 }
 
@@ -330,9 +339,10 @@ mod tests {
                 packets: 5,
                 bytes: 300,
             }],
-            stats: BTreeMap::from([("ingress_drops", 5)]),
+            stats: BTreeMap::from([("ingress_drops", 5), ("bypass_uncounted", 0)]),
         };
         let text = render_counters(&c);
+        assert!(!text.contains("warning"), "{text}");
         assert!(
             text.starts_with(
                 "SERVICE  SOURCE     REASON            ACTION   SYNS  PACKETS  BYTES\n"
@@ -343,7 +353,17 @@ mod tests {
             text.contains("grafana  10.88.0.2  not_from_gateway  dropped     3        5    300\n"),
             "{text}"
         );
-        assert!(text.contains("ingress_drops      5"), "{text}");
+        assert!(text.contains("ingress_drops         5"), "{text}");
+        let full = inspect::Counters {
+            stats: BTreeMap::from([("bypass_uncounted", 7)]),
+            ..c
+        };
+        assert!(
+            render_counters(&full)
+                .contains("warning: 7 bypass packet(s) were dropped without a row above"),
+            "{}",
+            render_counters(&full)
+        );
         let empty = inspect::Counters {
             bypass: vec![],
             stats: BTreeMap::new(),

@@ -10,9 +10,9 @@ use aya::maps::{Array, HashMap, MapData, MapError};
 use gateway_common::{
     ACTION_DROPPED, ACTION_PASSED, Addr, DEST_KIND_ENDPOINT, DEST_KIND_VIP, DestKey, DestValue,
     MODE_AUDIT, MODE_ENFORCE, ProxyConfig, REASON_NO_PROXY, REASON_NOT_FROM_GATEWAY,
-    SERVICE_NAME_LEN, STAT_CONNECT_CALLS, STAT_CONNECT_REDIRECTS, STAT_CONNECT_REFUSED,
-    STAT_INGRESS_DROPS, STAT_INGRESS_PACKETS, STAT_RINGBUF_FULL, STAT_SOCKOPS_MISSED,
-    STAT_SOCKOPS_RECORDED, ServiceMeta,
+    SERVICE_NAME_LEN, STAT_BYPASS_UNCOUNTED, STAT_CONNECT_CALLS, STAT_CONNECT_REDIRECTS,
+    STAT_CONNECT_REFUSED, STAT_INGRESS_DROPS, STAT_INGRESS_PACKETS, STAT_RINGBUF_FULL,
+    STAT_SOCKOPS_MISSED, STAT_SOCKOPS_RECORDED, ServiceMeta,
 };
 
 use super::{DesiredState, EbpfError, Mode, SyncReport};
@@ -41,7 +41,7 @@ pub const ALL_MAPS: [&str; 9] = [
 ];
 
 /// `STAT_*` index → stable name.
-pub const STAT_NAMES: [(u32, &str); 8] = [
+pub const STAT_NAMES: [(u32, &str); 9] = [
     (STAT_CONNECT_CALLS, "connect_calls"),
     (STAT_CONNECT_REDIRECTS, "connect_redirects"),
     (STAT_CONNECT_REFUSED, "connect_refused"),
@@ -50,6 +50,7 @@ pub const STAT_NAMES: [(u32, &str); 8] = [
     (STAT_INGRESS_PACKETS, "ingress_packets"),
     (STAT_INGRESS_DROPS, "ingress_drops"),
     (STAT_RINGBUF_FULL, "ringbuf_full"),
+    (STAT_BYPASS_UNCOUNTED, "bypass_uncounted"),
 ];
 
 /// `REASON_*` → stable string.

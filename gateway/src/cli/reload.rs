@@ -63,6 +63,7 @@ pub(super) fn log_sync(report: &SyncReport, what: &str) {
         dests_removed = report.dests_removed,
         gateways_added = report.gateways_added,
         gateways_removed = report.gateways_removed,
+        names_pruned = report.names_pruned,
         "{what}"
     );
 }

@@ -4,15 +4,16 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    time::{Duration, Instant},
 };
 
-use aya::maps::{Array, HashMap, MapData, MapError};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap};
 use gateway_common::{
-    ACTION_DROPPED, ACTION_PASSED, Addr, DEST_KIND_ENDPOINT, DEST_KIND_VIP, DestKey, DestValue,
-    MODE_AUDIT, MODE_ENFORCE, ProxyConfig, REASON_NO_PROXY, REASON_NOT_FROM_GATEWAY,
-    SERVICE_NAME_LEN, STAT_BYPASS_UNCOUNTED, STAT_CONNECT_CALLS, STAT_CONNECT_REDIRECTS,
-    STAT_CONNECT_REFUSED, STAT_INGRESS_DROPS, STAT_INGRESS_PACKETS, STAT_RINGBUF_FULL,
-    STAT_SOCKOPS_MISSED, STAT_SOCKOPS_RECORDED, ServiceMeta,
+    ACTION_DROPPED, ACTION_PASSED, Addr, BypassCount, BypassKey, DEST_KIND_ENDPOINT, DEST_KIND_VIP,
+    DestKey, DestValue, MODE_AUDIT, MODE_ENFORCE, ProxyConfig, REASON_NO_PROXY,
+    REASON_NOT_FROM_GATEWAY, SERVICE_NAME_LEN, STAT_BYPASS_UNCOUNTED, STAT_CONNECT_CALLS,
+    STAT_CONNECT_REDIRECTS, STAT_CONNECT_REFUSED, STAT_INGRESS_DROPS, STAT_INGRESS_PACKETS,
+    STAT_RINGBUF_FULL, STAT_SOCKOPS_MISSED, STAT_SOCKOPS_RECORDED, ServiceMeta,
 };
 
 use super::{DesiredState, EbpfError, Mode, SyncReport};
@@ -295,7 +296,15 @@ pub struct WritableMaps {
     pub gateways: HashMap<MapData, Addr, u32>,
     pub meta: HashMap<MapData, u32, ServiceMeta>,
     pub dests: HashMap<MapData, DestKey, DestValue>,
+    /// Read only: which services' counters still need their name.
+    pub bypass: PerCpuHashMap<MapData, BypassKey, BypassCount>,
+    /// When removed services' names were last pruned from `meta`.
+    pub pruned_at: Option<Instant>,
 }
+
+/// Removed services' names are pruned at most this often: it reads every key of
+/// `NG_BYPASS` (up to 65,536 system calls under a flood).
+pub const META_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> EbpfError {
     move |source| EbpfError::Map {
@@ -338,7 +347,8 @@ impl WritableMaps {
                     .map_err(map_err("write", NG_SERVICE_META))?;
             }
         }
-        // Services gone from the config keep their name (their counters stay nameable).
+        // Services gone from the config keep their name while counters of theirs exist (they
+        // stay nameable); pruned below once none do.
         for (id, meta) in &old_meta {
             if !plan.services.contains_key(id) && meta.removed == 0 {
                 let removed = ServiceMeta {
@@ -383,8 +393,55 @@ impl WritableMaps {
                 .map_err(map_err("remove from", NG_GATEWAYS))?;
             report.gateways_removed += 1;
         }
+        report.names_pruned = self.prune_meta(&old_meta, plan)?;
         Ok(report)
     }
+
+    /// Drops the names of removed services that no bypass counter refers to any more, so that
+    /// services coming and going (preview environments, namespaces deleted) never fill
+    /// `NG_SERVICE_META` (16,384 entries) and make the next sync fail. After the destinations
+    /// were removed: no new counter of a removed service can appear (but for packets already
+    /// in flight on another CPU, whose rows would then show the service id).
+    fn prune_meta(
+        &mut self,
+        old_meta: &BTreeMap<u32, ServiceMeta>,
+        plan: &Plan,
+    ) -> Result<usize, EbpfError> {
+        let gone = old_meta.keys().any(|id| !plan.services.contains_key(id));
+        let due = self
+            .pruned_at
+            .is_none_or(|at| at.elapsed() >= META_PRUNE_EVERY);
+        if !gone || !due {
+            return Ok(0);
+        }
+        self.pruned_at = Some(Instant::now());
+        let counted: BTreeSet<u32> = self
+            .bypass
+            .keys()
+            .map(|k| k.map(|k| k.service_id))
+            .collect::<Result<_, _>>()
+            .map_err(map_err("read", NG_BYPASS))?;
+        let prune = prunable(old_meta, plan, &counted);
+        for id in &prune {
+            remove_if_present(self.meta.remove(id))
+                .map_err(map_err("remove from", NG_SERVICE_META))?;
+        }
+        Ok(prune.len())
+    }
+}
+
+/// Services gone from the plan whose names no counter (`counted`: the service ids of the
+/// `NG_BYPASS` keys) needs.
+fn prunable(
+    old_meta: &BTreeMap<u32, ServiceMeta>,
+    plan: &Plan,
+    counted: &BTreeSet<u32>,
+) -> Vec<u32> {
+    old_meta
+        .keys()
+        .filter(|id| !plan.services.contains_key(id) && !counted.contains(id))
+        .copied()
+        .collect()
 }
 
 /// A key that vanished meanwhile is as good as removed.
@@ -464,6 +521,35 @@ mod tests {
         assert_eq!(
             service_name(&service_meta("grafana", Mode::Enforce, false)),
             "grafana"
+        );
+    }
+
+    #[test]
+    fn removed_names_are_pruned_once_no_counter_needs_them() {
+        let plan = Plan::new(&DesiredState {
+            proxy_v4: None,
+            proxy_v6: None,
+            mark: 1,
+            gateways: vec![],
+            services: vec![DesiredService {
+                id: 1,
+                name: "kept".into(),
+                mode: Mode::Enforce,
+                vips: vec![],
+                endpoints: vec![],
+            }],
+        })
+        .unwrap();
+        let old = BTreeMap::from([
+            (1, service_meta("kept", Mode::Enforce, false)),
+            (2, service_meta("gone-counted", Mode::Enforce, true)),
+            (3, service_meta("gone", Mode::Enforce, true)),
+            (4, service_meta("just-removed", Mode::Audit, false)),
+        ]);
+        assert_eq!(prunable(&old, &plan, &BTreeSet::from([2, 9])), [3, 4]);
+        assert_eq!(
+            prunable(&old, &plan, &BTreeSet::from([1, 2, 3, 4])),
+            [0u32; 0]
         );
     }
 

@@ -243,6 +243,8 @@ pub struct SyncReport {
     pub dests_removed: usize,
     pub gateways_added: usize,
     pub gateways_removed: usize,
+    /// Names of removed services dropped from `NG_SERVICE_META` (no counter needs them).
+    pub names_pruned: usize,
 }
 
 /// Original destination of an accepted redirected connection.
@@ -308,6 +310,8 @@ impl Datapath {
             gateways: take_map(&mut ebpf, maps::NG_GATEWAYS)?,
             meta: take_map(&mut ebpf, maps::NG_SERVICE_META)?,
             dests: take_map(&mut ebpf, maps::NG_DESTS)?,
+            bypass: take_map(&mut ebpf, maps::NG_BYPASS)?,
+            pruned_at: None,
         };
         let orig: HashMap<MapData, SockKey, gateway_common::OrigDst> =
             take_map(&mut ebpf, maps::NG_ORIG)?;

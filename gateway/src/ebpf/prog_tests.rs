@@ -549,16 +549,25 @@ fn datapath_redirects_records_and_reuses_links() {
         proxy_v6: None,
         mark: 0x4e47,
         gateways: vec!["127.0.0.1".parse().unwrap()],
-        services: vec![DesiredService {
-            id: 7,
-            name: "web".into(),
-            mode: Mode::Enforce,
-            vips: vec![sa("10.255.77.1:80"), sa("[fd00:ff::1]:80")],
-            endpoints: vec![],
-        }],
+        services: vec![
+            DesiredService {
+                id: 7,
+                name: "web".into(),
+                mode: Mode::Enforce,
+                vips: vec![sa("10.255.77.1:80"), sa("[fd00:ff::1]:80")],
+                endpoints: vec![],
+            },
+            DesiredService {
+                id: 8,
+                name: "preview".into(),
+                mode: Mode::Enforce,
+                vips: vec![sa("10.255.77.2:80")],
+                endpoints: vec![],
+            },
+        ],
     };
     let report = dp.sync(&desired).unwrap();
-    assert_eq!((report.dests_added, report.gateways_added), (2, 1));
+    assert_eq!((report.dests_added, report.gateways_added), (3, 1));
     assert_eq!(
         dp.sync(&desired).unwrap(),
         super::SyncReport::default(),
@@ -597,16 +606,18 @@ fn datapath_redirects_records_and_reuses_links() {
         "{out:?}"
     );
 
-    // Removing the service removes its destinations and keeps its name.
+    // Removing the services removes their destinations. web keeps its name (a counter of its
+    // own, the refused IPv6 connect, needs it); preview's name, which nothing needs, is pruned.
     let report = dp
         .sync(&DesiredState {
             services: vec![],
             ..desired.clone()
         })
         .unwrap();
-    assert_eq!(report.dests_removed, 2);
+    assert_eq!((report.dests_removed, report.names_pruned), (3, 1));
     let status = inspect::status(&pins.0).unwrap();
     assert_eq!(status.services.len(), 1);
+    assert_eq!(status.services[0].name, "web");
     assert!(status.services[0].removed);
     assert_eq!(status.destinations, []);
     assert_eq!(status.proxy_v4, Some(proxy_addr));

@@ -113,7 +113,7 @@ pub struct Metrics {
     jwks_fetch_failures: Family<IssuerLabels, Counter>,
     bypass_events: Counter,
     bypass_lines_suppressed: Counter,
-    decision_log_errors: Family<SinkLabels, Counter>,
+    decision_log: DecisionLogMetrics,
     config_reloads: Family<ResultLabels, Counter>,
     kube_applies: Family<ResultLabels, Counter>,
     /// The Kubernetes source's health as last reported (`None`: no source).
@@ -184,12 +184,7 @@ impl Metrics {
              (the sum of the lines' `suppressed`)",
             bypass_lines_suppressed.clone(),
         );
-        let decision_log_errors = Family::<SinkLabels, Counter>::default();
-        registry.register(
-            "nodegate_decision_log_errors",
-            "Decision log lines that could not be written, by sink",
-            decision_log_errors.clone(),
-        );
+        let decision_log = register_decision_log(&mut registry);
         let config_reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "nodegate_config_reloads",
@@ -223,7 +218,7 @@ impl Metrics {
             jwks_fetch_failures,
             bypass_events,
             bypass_lines_suppressed,
-            decision_log_errors,
+            decision_log,
             config_reloads,
             kube_applies,
             kube_health,
@@ -303,9 +298,18 @@ impl Metrics {
     }
 
     pub fn decision_log_errors(&self, sink: &'static str) -> Counter {
-        self.decision_log_errors
+        self.decision_log
+            .errors
             .get_or_create(&SinkLabels { sink })
             .clone()
+    }
+
+    /// The decision log's backpressure: requests that waited, and the bytes behind.
+    pub fn decision_log_backpressure(&self) -> (Counter, Gauge) {
+        (
+            self.decision_log.waits.clone(),
+            self.decision_log.buffered.clone(),
+        )
     }
 
     pub fn config_reload(&self, result: ReloadResult) {
@@ -426,6 +430,42 @@ impl Collector for TlsCollector {
 }
 
 /// The Kubernetes source's series: snapshots applied, and its health read at scrape time.
+/// The decision log's: lines lost per sink, requests that waited, bytes behind.
+struct DecisionLogMetrics {
+    errors: Family<SinkLabels, Counter>,
+    waits: Counter,
+    buffered: Gauge,
+}
+
+fn register_decision_log(registry: &mut Registry) -> DecisionLogMetrics {
+    let errors = Family::<SinkLabels, Counter>::default();
+    registry.register(
+        "nodegate_decision_log_errors",
+        "Decision log lines that could not be written, by sink",
+        errors.clone(),
+    );
+    let waits = Counter::default();
+    registry.register(
+        "nodegate_decision_log_waits",
+        "Decision lines whose writer (a request, a connection) waited: the sinks (stdout, the \
+         file) were 8 MiB behind, a slow or blocked output slowing the data plane rather than \
+         losing lines",
+        waits.clone(),
+    );
+    let buffered = Gauge::default();
+    registry.register(
+        "nodegate_decision_log_buffered_bytes",
+        "Decision log bytes not yet written to every sink, as of the last batch (requests \
+         wait at 8 MiB)",
+        buffered.clone(),
+    );
+    DecisionLogMetrics {
+        errors,
+        waits,
+        buffered,
+    }
+}
+
 fn register_source(
     registry: &mut Registry,
 ) -> (Family<ResultLabels, Counter>, Arc<Mutex<Option<Health>>>) {

@@ -99,8 +99,8 @@ pub fn init_daemon_sinks(
         let file = open_append(path)?;
         sinks.push(sink::Sink::new("file", Box::new(file), metrics));
     }
-    let log =
-        sink::DecisionLog::start(sinks, sink::Limits::DAEMON).map_err(TelemetryError::Flusher)?;
+    let log = sink::DecisionLog::start(sinks, sink::Limits::DAEMON, metrics)
+        .map_err(TelemetryError::Flusher)?;
     // One layer for every sink: each line is formatted once, and the same bytes go to each.
     tracing_subscriber::registry()
         .with(human_layer("info"))

@@ -14,7 +14,10 @@
 //!   writes everything pending first (`gateway run` calls it on every return).
 //! - Backpressure, not loss: past [`Limits::cap`] bytes pending or being written (a stuck disk,
 //!   a blocked stdout pipe), appenders wait for the flusher. Memory stays bounded and the
-//!   request path slows down, as it did when it wrote itself.
+//!   request path slows down, as it did when it wrote itself. It is never silent: each wait
+//!   counts in `nodegate_decision_log_waits_total`, `nodegate_decision_log_buffered_bytes`
+//!   says how far behind the sinks are, and the flusher reports on stderr (at most every
+//!   [`REPORT_EVERY`]) that requests waited and how long its last batch took.
 //! - A failed write counts every line of the batch in `nodegate_decision_log_errors_total{sink}`
 //!   and is reported on stderr (the first failure at once, then at most every
 //!   [`REPORT_EVERY`] with the number of lines lost meanwhile). The other sinks still get the
@@ -31,7 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tracing_subscriber::fmt::MakeWriter;
 
 use super::Metrics;
@@ -136,6 +139,41 @@ fn count_lines(batch: &[u8]) -> u64 {
     u64::try_from(lines).unwrap_or(u64::MAX)
 }
 
+fn gauge_bytes(bytes: usize) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
+/// The flusher's report of requests that waited for room (a slow or blocked sink), on stderr
+/// at most every [`REPORT_EVERY`].
+#[derive(Default)]
+struct WaitReport {
+    last: Option<Instant>,
+    waited_since: u64,
+}
+
+impl WaitReport {
+    fn report(&mut self, waited: u64, took: Duration, cap: usize) {
+        self.waited_since += waited;
+        let now = Instant::now();
+        if self
+            .last
+            .is_none_or(|last| now.duration_since(last) >= REPORT_EVERY)
+        {
+            // Not through tracing: a decision line about the decision log would loop.
+            eprintln!(
+                "warning: decision log: {} request(s) waited since the last report: {} KiB were \
+                 not yet written to its sinks (the last batch took {} ms); is stdout or the file \
+                 blocked?",
+                self.waited_since,
+                cap >> 10,
+                took.as_millis()
+            );
+            self.last = Some(now);
+            self.waited_since = 0;
+        }
+    }
+}
+
 /// The decision log's writer for the fmt layer: every event's line is appended to the pending
 /// buffer, which the flusher thread writes to every sink. Clones share the buffer; when the
 /// last one is dropped, the flusher writes what is pending and stops.
@@ -161,6 +199,10 @@ struct Shared {
     limits: Limits,
     /// Each sink's error counter, for lines the flusher will not write: it stopped (a bug).
     lost: Box<[Counter]>,
+    /// Appends that waited for room.
+    waits: Counter,
+    /// Bytes pending and in flight, as of the last batch (and of the last wait).
+    buffered: Gauge,
 }
 
 #[derive(Default)]
@@ -177,6 +219,8 @@ struct State {
     /// pending at once while there are any, and wakes them after each batch.
     flushing: usize,
     blocked: usize,
+    /// Appends that waited for room since the flusher last reported it.
+    waited: u64,
     /// The last handle is gone: write what is pending and stop.
     shutdown: bool,
     /// The flusher has stopped (shut down, or a bug made it panic): nobody waits for it any
@@ -203,13 +247,16 @@ impl State {
 
 impl DecisionLog {
     /// Starts the flusher thread for `sinks`.
-    pub(super) fn start(sinks: Vec<Sink>, limits: Limits) -> io::Result<Self> {
+    pub(super) fn start(sinks: Vec<Sink>, limits: Limits, metrics: &Metrics) -> io::Result<Self> {
+        let (waits, buffered) = metrics.decision_log_backpressure();
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             drained: Condvar::new(),
             limits,
             lost: sinks.iter().map(|s| s.errors.clone()).collect(),
+            waits,
+            buffered,
         });
         let flusher = {
             let shared = shared.clone();
@@ -231,6 +278,9 @@ impl DecisionLog {
         let limits = &shared.limits;
         let mut state = shared.lock();
         while state.buffered() >= limits.cap && !state.stopped {
+            shared.waits.inc();
+            shared.buffered.set(gauge_bytes(state.buffered()));
+            state.waited += 1;
             state.blocked += 1;
             if state.flusher_waiting {
                 shared.wake.notify_one();
@@ -372,6 +422,7 @@ impl Shared {
         let _stopped = Stopped(self);
         let limits = &self.limits;
         let mut batch = Vec::new();
+        let mut waits = WaitReport::default();
         let mut state = self.lock();
         loop {
             while state.pending.is_empty() {
@@ -393,15 +444,22 @@ impl Shared {
             mem::swap(&mut state.pending, &mut batch);
             state.in_flight = batch.len();
             state.taken += 1;
+            self.buffered.set(gauge_bytes(state.buffered()));
             drop(state);
+            let started = Instant::now();
             for sink in &mut sinks {
                 sink.write_batch(&batch);
             }
+            let took = started.elapsed();
             batch.clear();
             batch.shrink_to(KEEP_CAPACITY);
             state = self.lock();
             state.in_flight = 0;
             state.written += 1;
+            self.buffered.set(gauge_bytes(state.buffered()));
+            if state.waited > 0 {
+                waits.report(mem::take(&mut state.waited), took, limits.cap);
+            }
             if state.blocked > 0 || state.flushing > 0 {
                 self.drained.notify_all();
             }
@@ -554,7 +612,7 @@ mod tests {
             .into_iter()
             .map(|(name, out)| Sink::new(name, out, metrics))
             .collect();
-        DecisionLog::start(sinks, limits).unwrap()
+        DecisionLog::start(sinks, limits, metrics).unwrap()
     }
 
     fn recorded(limits: Limits) -> (DecisionLog, Recorder) {
@@ -710,11 +768,33 @@ mod tests {
         let waiting = progress.load(Ordering::SeqCst);
         assert!(waiting * 32 < limits.cap + 32, "{waiting} lines appended");
         assert_eq!(out.writes(), 0);
+        // The wait is visible while it lasts: counted, and the bytes behind at the cap.
+        let (waits, buffered) = metrics.decision_log_backpressure();
+        assert!(waits.get() >= 1);
+        assert!(
+            usize::try_from(buffered.get()).unwrap() >= limits.cap,
+            "{}",
+            buffered.get()
+        );
+        let text = metrics.encode().unwrap();
+        let exported: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("nodegate_decision_log_waits_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(exported >= 1, "{text}");
         drop(open);
         appender.join().unwrap();
         assert!(log.flush(None));
         assert_eq!(out.text(), (0..100).map(numbered).collect::<String>());
         assert_eq!(metrics.decision_log_errors("file").get(), 0);
+        assert_eq!(buffered.get(), 0, "nothing behind once written");
+        assert!(
+            metrics
+                .encode()
+                .unwrap()
+                .contains("nodegate_decision_log_buffered_bytes 0"),
+        );
     }
 
     #[test]

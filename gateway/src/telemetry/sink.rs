@@ -78,10 +78,28 @@ pub(super) struct Sink {
     report: Report,
 }
 
+/// A count reported on stderr at most every [`REPORT_EVERY`] (not through tracing: a decision
+/// line about the decision log would loop): what accumulated since the last report.
 #[derive(Default)]
 struct Report {
     last: Option<Instant>,
-    lost_since: u64,
+    since: u64,
+}
+
+impl Report {
+    /// Adds `n`; when a report is due, `say` prints the accumulated count.
+    fn add(&mut self, n: u64, say: impl FnOnce(u64)) {
+        self.since += n;
+        let now = Instant::now();
+        if self
+            .last
+            .is_none_or(|last| now.duration_since(last) >= REPORT_EVERY)
+        {
+            say(self.since);
+            self.last = Some(now);
+            self.since = 0;
+        }
+    }
 }
 
 impl Sink {
@@ -112,21 +130,12 @@ impl Sink {
     }
 
     fn report(&mut self, lines: u64, err: &io::Error) {
-        let report = &mut self.report;
-        report.lost_since += lines;
-        let now = Instant::now();
-        if report
-            .last
-            .is_none_or(|last| now.duration_since(last) >= REPORT_EVERY)
-        {
-            // Not through tracing: a decision line about the decision log would loop.
+        let name = self.name;
+        self.report.add(lines, |lost| {
             eprintln!(
-                "error: decision log sink {}: {} line(s) lost since the last report: {err}",
-                self.name, report.lost_since
+                "error: decision log sink {name}: {lost} line(s) lost since the last report: {err}"
             );
-            report.last = Some(now);
-            report.lost_since = 0;
-        }
+        });
     }
 }
 
@@ -141,37 +150,6 @@ fn count_lines(batch: &[u8]) -> u64 {
 
 fn gauge_bytes(bytes: usize) -> i64 {
     i64::try_from(bytes).unwrap_or(i64::MAX)
-}
-
-/// The flusher's report of requests that waited for room (a slow or blocked sink), on stderr
-/// at most every [`REPORT_EVERY`].
-#[derive(Default)]
-struct WaitReport {
-    last: Option<Instant>,
-    waited_since: u64,
-}
-
-impl WaitReport {
-    fn report(&mut self, waited: u64, took: Duration, cap: usize) {
-        self.waited_since += waited;
-        let now = Instant::now();
-        if self
-            .last
-            .is_none_or(|last| now.duration_since(last) >= REPORT_EVERY)
-        {
-            // Not through tracing: a decision line about the decision log would loop.
-            eprintln!(
-                "warning: decision log: {} request(s) waited since the last report: {} KiB were \
-                 not yet written to its sinks (the last batch took {} ms); is stdout or the file \
-                 blocked?",
-                self.waited_since,
-                cap >> 10,
-                took.as_millis()
-            );
-            self.last = Some(now);
-            self.waited_since = 0;
-        }
-    }
 }
 
 /// The decision log's writer for the fmt layer: every event's line is appended to the pending
@@ -422,7 +400,7 @@ impl Shared {
         let _stopped = Stopped(self);
         let limits = &self.limits;
         let mut batch = Vec::new();
-        let mut waits = WaitReport::default();
+        let mut waits = Report::default();
         let mut state = self.lock();
         loop {
             while state.pending.is_empty() {
@@ -458,7 +436,16 @@ impl Shared {
             state.written += 1;
             self.buffered.set(gauge_bytes(state.buffered()));
             if state.waited > 0 {
-                waits.report(mem::take(&mut state.waited), took, limits.cap);
+                // Writers waited for room: a slow or blocked sink.
+                waits.add(mem::take(&mut state.waited), |waited| {
+                    eprintln!(
+                        "warning: decision log: {waited} line(s) waited since the last report: \
+                         {} KiB were not yet written to its sinks (the last batch took {} ms); is \
+                         stdout or the file blocked?",
+                        limits.cap >> 10,
+                        took.as_millis()
+                    );
+                });
             }
             if state.blocked > 0 || state.flushing > 0 {
                 self.drained.notify_all();

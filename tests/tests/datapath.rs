@@ -630,3 +630,44 @@ fn a_full_bypass_map_still_drops_and_counts_what_it_could_not_key() {
     );
     assert!(uncounted >= Some(1.0), "/metrics:\n{metrics}");
 }
+
+/// `log.decisions_file` rotated the way logrotate does by default (moved away, no signal): the
+/// gateway creates the file again and writes on to it (it checks at most every second), and
+/// the moved file keeps what was written before.
+#[test]
+fn a_rotated_decision_log_file_is_created_again() {
+    let node = node("rotate", &["a", "b"]);
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    let _backend = b.serve(8080, "b").expect("backend");
+    let gw = start(&node, config(&node, vec![web(&node, Mode::Enforce)]));
+    let vip = node.vip_v4(10, 80);
+    let (body, first) = curl(a, &format!("http://{vip}/"));
+    assert_eq!(body, "hello from b");
+    let first = first.expect("curl reports its local address");
+    connection_line(&gw, first);
+
+    let file = gw.config().decisions_file.clone();
+    let moved = file.with_extension("log.1");
+    std::fs::rename(&file, &moved).expect("rotate the decision log");
+    let later = poll_until(
+        "a connection's line in the re-created file",
+        Duration::from_secs(10),
+        || {
+            let (_, client) = curl(a, &format!("http://{vip}/"));
+            let client = client.expect("curl reports its local address");
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(gw
+                .decisions()?
+                .iter()
+                .any(|d| common::addr(d, "src") == Some(client))
+                .then_some(client))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; stderr:\n{}", gw.stderr()));
+    let old = std::fs::read_to_string(&moved).expect("the moved file");
+    assert!(
+        old.contains(&format!("\"src\":\"{first}\"")),
+        "the first line stays in the moved file:\n{old}"
+    );
+    assert!(!old.contains(&format!("\"src\":\"{later}\"")), "{old}");
+}

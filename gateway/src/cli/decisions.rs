@@ -4,6 +4,7 @@
 use std::{
     fs::File,
     io::{BufRead as _, BufReader, Seek as _, SeekFrom},
+    os::unix::fs::MetadataExt as _,
     path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -149,19 +150,12 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// Prints the matching lines of `file`, then (with `follow`) new ones as they are appended.
+/// Prints the matching lines of `file`, then (with `follow`) new ones as they are appended,
+/// across rotations (as `tail -F`).
 pub(super) fn show(file: &Path, filter: &Filter, follow: bool, json: bool) -> Result<(), CliError> {
-    let open = |file: &Path| {
-        File::open(file).map_err(|e| {
-            CliError::Input(format!(
-                "cannot open the decision log {}: {e}",
-                file.display()
-            ))
-        })
-    };
-    let mut reader = BufReader::new(open(file)?);
+    let mut log = Follow::open(file)?;
     let mut rows = Vec::new();
-    let mut pos = read_lines(&mut reader, filter, &mut rows)?;
+    log.poll(filter, &mut rows)?;
     print_rows(&rows, json, true);
     if !follow {
         if rows.is_empty() && !json {
@@ -171,18 +165,63 @@ pub(super) fn show(file: &Path, filter: &Filter, follow: bool, json: bool) -> Re
     }
     loop {
         std::thread::sleep(FOLLOW_POLL);
-        // Rotated or truncated: start again from the top of the (new) file.
-        let len = std::fs::metadata(file).map_or(0, |m| m.len());
-        if len < pos {
-            reader = BufReader::new(open(file)?);
-            pos = 0;
-        }
-        reader
-            .seek(SeekFrom::Start(pos))
-            .map_err(CliError::Output)?;
         let mut rows = Vec::new();
-        pos += read_lines(&mut reader, filter, &mut rows)?;
+        log.poll(filter, &mut rows)?;
         print_rows(&rows, json, false);
+    }
+}
+
+/// The decision log file being read: where in it, and which file it is (device, inode), to
+/// notice that the gateway has moved on to a new one at the path.
+struct Follow {
+    path: std::path::PathBuf,
+    reader: BufReader<File>,
+    id: Option<(u64, u64)>,
+    pos: u64,
+}
+
+impl Follow {
+    fn open(path: &Path) -> Result<Self, CliError> {
+        let file = File::open(path).map_err(|e| {
+            CliError::Input(format!(
+                "cannot open the decision log {}: {e}",
+                path.display()
+            ))
+        })?;
+        let id = file.metadata().ok().map(|m| (m.dev(), m.ino()));
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader: BufReader::new(file),
+            id,
+            pos: 0,
+        })
+    }
+
+    /// The complete lines appended since the last call. Rotated (moved away, a new file at
+    /// the path): first the rest of the old file (what was written before the gateway moved
+    /// on), then the new one from its start. Truncated: from the start again.
+    fn poll(&mut self, filter: &Filter, out: &mut Vec<Row>) -> Result<(), CliError> {
+        let at_path = std::fs::metadata(&self.path).ok();
+        let moved = at_path
+            .as_ref()
+            .is_some_and(|m| Some((m.dev(), m.ino())) != self.id);
+        let truncated = !moved && at_path.as_ref().is_some_and(|m| m.len() < self.pos);
+        if !truncated {
+            self.read(filter, out)?;
+        }
+        if moved || truncated {
+            *self = Self::open(&self.path)?;
+            self.read(filter, out)?;
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, filter: &Filter, out: &mut Vec<Row>) -> Result<(), CliError> {
+        self.reader
+            .seek(SeekFrom::Start(self.pos))
+            .map_err(CliError::Output)?;
+        self.pos += read_lines(&mut self.reader, filter, out)?;
+        Ok(())
     }
 }
 
@@ -299,7 +338,53 @@ pub(super) fn table(rows: &[Value]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write as _;
+
     use super::*;
+
+    #[test]
+    fn following_reads_across_rotation_and_truncation() {
+        let dir = std::env::temp_dir().join(format!("nodegate-follow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("decisions.log");
+        let line = |i: u32| format!("{{\"kind\":\"request\",\"i\":{i}}}\n");
+        let append = |path: &Path, text: &str| {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+        };
+        let seen = |log: &mut Follow| {
+            let mut rows = Vec::new();
+            log.poll(&Filter::default(), &mut rows).unwrap();
+            rows.iter()
+                .map(|(v, _)| v["i"].as_u64().unwrap())
+                .collect::<Vec<_>>()
+        };
+        append(&path, &line(1));
+        let mut log = Follow::open(&path).unwrap();
+        assert_eq!(seen(&mut log), [1]);
+        // A partial line waits for its end.
+        append(&path, &format!("{}{{\"kind\"", line(2)));
+        assert_eq!(seen(&mut log), [2]);
+        append(&path, ":\"request\",\"i\":3}\n");
+        assert_eq!(seen(&mut log), [3]);
+        // Rotated: the old file's last lines, then the new file's.
+        append(&path, &line(4));
+        std::fs::rename(&path, dir.join("decisions.log.1")).unwrap();
+        append(&dir.join("decisions.log.1"), &line(5));
+        append(&path, &line(6));
+        assert_eq!(seen(&mut log), [4, 5, 6]);
+        assert_eq!(seen(&mut log), [0u64; 0]);
+        // Truncated (copytruncate): from the top again.
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(seen(&mut log), [0u64; 0]);
+        append(&path, &line(7));
+        assert_eq!(seen(&mut log), [7]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn rfc3339_and_ages() {

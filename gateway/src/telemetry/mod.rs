@@ -1,6 +1,7 @@
 //! Logs and metrics. Human logs go to stderr (`RUST_LOG`, default `info`); the decision log
 //! is its own tracing target, [`DECISION_TARGET`], written as flattened JSON lines to stdout
-//! and optionally appended to a file. A failing sink is counted and reported on stderr.
+//! and optionally appended to a file (created again when rotation moves it away). A failing
+//! sink is counted and reported on stderr.
 //!
 //! The decision log is written off the request path (see `sink`): a line is appended to a
 //! buffer that a flusher thread writes to the sinks within ~10 ms, in batches. A SIGKILL can
@@ -11,6 +12,7 @@ pub mod bypass;
 pub mod decision;
 pub mod format;
 mod json;
+mod logfile;
 pub mod metrics;
 mod sink;
 
@@ -96,7 +98,7 @@ pub fn init_daemon_sinks(
         sinks.push(sink::Sink::new("stdout", Box::new(io::stdout()), metrics));
     }
     if let Some(path) = decisions_file {
-        let file = open_append(path)?;
+        let file = logfile::LogFile::open(path, logfile::CHECK_EVERY)?;
         sinks.push(sink::Sink::new("file", Box::new(file), metrics));
     }
     let log = sink::DecisionLog::start(sinks, sink::Limits::DAEMON, metrics)

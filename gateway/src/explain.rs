@@ -14,7 +14,10 @@ use crate::{
     auth::Authenticator,
     ebpf::Mode,
     policy::{self, CanonicalPath, RequestContext, RuleTrace, Verdict},
-    proxy::{http::authn::policy_identity, routes::Routes},
+    proxy::{
+        http::authn::policy_identity,
+        routes::{Routes, ServiceRoute},
+    },
     telemetry::decision::mode_str,
 };
 
@@ -101,6 +104,19 @@ pub struct IdentityOut {
     pub from: String,
 }
 
+impl IdentityOut {
+    fn anonymous() -> Self {
+        Self {
+            kind: "anonymous".into(),
+            subject: None,
+            email: None,
+            groups: Vec::new(),
+            issuer: None,
+            from: "none".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkloadOut {
     pub namespace: String,
@@ -115,6 +131,15 @@ pub struct WorkloadOut {
 pub enum Origin {
     Config,
     Live,
+}
+
+impl Origin {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Live => "live",
+        }
+    }
 }
 
 /// Explains `query` against `routes` (the services, their policies and the workloads) and
@@ -139,10 +164,7 @@ pub fn explain(
         .find(|s| s.name == query.service)
         .ok_or_else(|| unknown_service(routes, &query.service))?;
     let Some(http) = &service.http else {
-        return Err(BadQuery(format!(
-            "service {:?} has no policy: it is an L4 service (allow_sources only)",
-            query.service
-        )));
+        return explain_l4(service, query, origin, notes);
     };
     let (identity, identity_out, auth_refusal) = identity(auth, query, &mut notes)?;
     let workload = workload(routes, query)?;
@@ -165,11 +187,7 @@ pub fn explain(
         rule: None,
         rules: Vec::new(),
         notes,
-        source: match origin {
-            Origin::Config => "config",
-            Origin::Live => "live",
-        }
-        .to_owned(),
+        source: origin.as_str().to_owned(),
     };
     let allowed = match CanonicalPath::parse(query.path.as_bytes()) {
         Err(err) => {
@@ -215,6 +233,7 @@ pub fn explain(
             }
         }
     };
+    let allowed = allowed && connection_allowed(service, query, &mut out);
     if allowed { "allow" } else { "deny" }.clone_into(&mut out.decision);
     if !allowed && service.mode == Mode::Audit {
         out.notes.push(
@@ -223,6 +242,110 @@ pub fn explain(
         );
     }
     Ok(out)
+}
+
+/// An HTTP service's `allow_sources`, when it lists any, is checked per connection before any
+/// request: a source it does not allow is refused there (in enforce mode), whatever the
+/// policy says.
+fn connection_allowed(service: &ServiceRoute, query: &Query, out: &mut Explained) -> bool {
+    let sources = &service.rule.allow_sources;
+    if sources.is_empty() {
+        return true;
+    }
+    let list = sources
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let Some(source) = query.source else {
+        out.notes.push(format!(
+            "allow_sources ({list}) is checked per connection before any request: give the \
+             source to include it"
+        ));
+        return true;
+    };
+    if service.rule.allows(source) {
+        return true;
+    }
+    match service.mode {
+        Mode::Enforce => {
+            "source_not_allowed".clone_into(&mut out.reason);
+            out.rule = None;
+            out.notes.push(format!(
+                "{source} is not in allow_sources ({list}): the connection is refused before \
+                 any request"
+            ));
+            false
+        }
+        Mode::Audit => {
+            out.notes.push(format!(
+                "{source} is not in allow_sources ({list}): in audit mode the connection is \
+                 logged as would_deny and its requests are decided as above"
+            ));
+            true
+        }
+    }
+}
+
+/// A service without a policy: only the connection's source address decides (`allow_sources`),
+/// as the L4 proxy does for every connection.
+fn explain_l4(
+    service: &ServiceRoute,
+    query: &Query,
+    origin: Origin,
+    mut notes: Vec<String>,
+) -> Result<Explained, BadQuery> {
+    let Some(source) = query.source else {
+        return Err(BadQuery(format!(
+            "service {:?} has no policy: it is an L4 service, where only the source address \
+             decides (allow_sources): give the source",
+            query.service
+        )));
+    };
+    if query.token.is_some() || query.claims.is_some() || query.spiffe_id.is_some() {
+        notes.push(
+            "an L4 service does not look at tokens, claims or certificates: only the source \
+             address decides"
+                .into(),
+        );
+    }
+    let (decision, reason) = crate::proxy::decide(&service.rule, service.mode, source);
+    let allowed = decision == crate::telemetry::Decision::Allow;
+    let sources = &service.rule.allow_sources;
+    notes.push(if sources.is_empty() {
+        "allow_sources is empty: no source may connect".to_owned()
+    } else {
+        format!(
+            "allow_sources: {}",
+            sources
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    });
+    if !allowed && service.mode == Mode::Audit {
+        notes.push(
+            "the service is in audit mode: this connection is forwarded and logged as would_deny"
+                .into(),
+        );
+    }
+    Ok(Explained {
+        service: service.name.clone(),
+        mode: mode_str(service.mode).to_owned(),
+        policy_version: String::new(),
+        method: query.method.clone(),
+        path: query.path.clone(),
+        host: query.host.clone(),
+        identity: IdentityOut::anonymous(),
+        workload: None,
+        decision: if allowed { "allow" } else { "deny" }.to_owned(),
+        reason: reason.as_str().to_owned(),
+        rule: None,
+        rules: Vec::new(),
+        notes,
+        source: origin.as_str().to_owned(),
+    })
 }
 
 fn unknown_service(routes: &Routes, name: &str) -> BadQuery {
@@ -254,14 +377,7 @@ fn identity(
     if query.token.is_some() && query.claims.is_some() {
         return Err(BadQuery("a token or claims, not both".into()));
     }
-    let none = IdentityOut {
-        kind: "anonymous".into(),
-        subject: None,
-        email: None,
-        groups: Vec::new(),
-        issuer: None,
-        from: "none".into(),
-    };
+    let none = IdentityOut::anonymous();
     if let Some(token) = &query.token {
         let token = token.trim();
         let token = crate::auth::parse_bearer(token).unwrap_or(token);

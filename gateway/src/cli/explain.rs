@@ -245,10 +245,14 @@ fn render(out: &Explained) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "service   {} (mode {}, policy {}, {})",
+        "service   {} (mode {}, {}, {})",
         out.service,
         out.mode,
-        out.policy_version,
+        if out.policy_version.is_empty() {
+            "no policy: L4, the source address decides".to_owned()
+        } else {
+            format!("policy {}", out.policy_version)
+        },
         if out.source == "live" {
             "live state of the running gateway"
         } else {
@@ -367,7 +371,8 @@ mod tests {
                 "node: n\ncgroup: /sys/fs/cgroup\nproxy: {{ listen: 127.0.0.2:15001 }}\ngateways: [127.0.0.1]\n\
                  auth: {{ issuers: [ {{ name: t, issuer: https://idp.test, jwks_file: \"{}\", audiences: [ng], algorithms: [ES256] }} ] }}\n\
                  workloads: [ {{ namespace: ci, service_account: builder, addresses: [10.0.0.9] }} ]\n\
-                 services:\n  - name: web\n    vips: [\"10.96.0.1:80\"]\n    policy:\n      deny: [ {{ id: no-admin, when: {{ path: {{ prefix: /admin }} }} }} ]\n      allow:\n        - {{ id: devs, when: {{ groups: devs }} }}\n        - {{ id: ci, when: {{ workload: {{ namespace: ci }} }} }}\n        - {{ id: mesh, when: {{ spiffe_id: \"spiffe://td.test/ns/ci/*\" }} }}\n  - name: l4\n    vips: [\"10.96.0.2:80\"]\n",
+                 services:\n  - name: web\n    vips: [\"10.96.0.1:80\"]\n    policy:\n      deny: [ {{ id: no-admin, when: {{ path: {{ prefix: /admin }} }} }} ]\n      allow:\n        - {{ id: devs, when: {{ groups: devs }} }}\n        - {{ id: ci, when: {{ workload: {{ namespace: ci }} }} }}\n        - {{ id: mesh, when: {{ spiffe_id: \"spiffe://td.test/ns/ci/*\" }} }}\n  - name: l4\n    vips: [\"10.96.0.2:80\"]\n    allow_sources: [10.0.0.0/24]\n\
+                 \x20 - name: lan\n    vips: [\"10.96.0.3:80\"]\n    allow_sources: [10.0.0.0/24]\n    policy: {{ allow: [ {{ id: all, when: {{ path: {{ prefix: / }} }} }} ] }}\n",
                 jwks.display()
             ),
         );
@@ -465,6 +470,30 @@ mod tests {
             !run(Query {
                 spiffe_id: Some("spiffe://other.test/ns/ci/sa/builder".into()),
                 ..base.clone()
+            })
+            .unwrap()
+        );
+        // An L4 service: the source address decides.
+        let l4 = |source: &str| Query {
+            service: "l4".into(),
+            source: source.parse().ok(),
+            ..base.clone()
+        };
+        assert!(run(l4("10.0.0.9")).unwrap());
+        assert!(!run(l4("10.0.1.9")).unwrap());
+        // An HTTP service with allow_sources: a source outside it is refused per connection,
+        // before its policy (which allows everything) is asked.
+        let lan = |source: &str| Query {
+            service: "lan".into(),
+            source: source.parse().ok(),
+            ..base.clone()
+        };
+        assert!(run(lan("10.0.0.9")).unwrap());
+        assert!(!run(lan("10.0.1.9")).unwrap());
+        assert!(
+            run(Query {
+                source: None,
+                ..lan("10.0.1.9")
             })
             .unwrap()
         );

@@ -527,7 +527,7 @@ mod tests {
         let out: explain::Explained = serde_json::from_str(&body).unwrap();
         assert!(out.allowed(), "{body}");
         assert_eq!(out.rule.as_deref(), Some("ops"));
-        assert_eq!(out.source, "live");
+        assert_eq!(out.state, "live");
 
         // A reload is what the next explanation sees.
         routes.store(Arc::new(Routes::new(&config(

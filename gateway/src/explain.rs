@@ -82,8 +82,10 @@ pub struct Explained {
     pub rule: Option<String>,
     pub rules: Vec<RuleTrace>,
     pub notes: Vec<String>,
+    /// The source address asked about.
+    pub src: Option<IpAddr>,
     /// `config` (a file) or `live` (the running daemon).
-    pub source: String,
+    pub state: String,
 }
 
 impl Explained {
@@ -187,7 +189,8 @@ pub fn explain(
         rule: None,
         rules: Vec::new(),
         notes,
-        source: origin.as_str().to_owned(),
+        src: query.source,
+        state: origin.as_str().to_owned(),
     };
     let allowed = match CanonicalPath::parse(query.path.as_bytes()) {
         Err(err) => {
@@ -344,7 +347,8 @@ fn explain_l4(
         rule: None,
         rules: Vec::new(),
         notes,
-        source: origin.as_str().to_owned(),
+        src: query.source,
+        state: origin.as_str().to_owned(),
     })
 }
 

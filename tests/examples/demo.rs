@@ -2,8 +2,8 @@
 //!
 //! Builds a node (network namespaces + cgroup v2 on the real kernel), runs `gateway run` with
 //! the `grafana` service of the bundled `gateway/config/example.yaml`, and shows an allowed
-//! connection, a denied one and a bypass attempt with the kernel counter moving, then the
-//! decision log, and removes everything. Needs root, the gateway binary
+//! connection, a denied one (and `gateway explain` saying why) and a bypass attempt with the
+//! kernel counter moving, then the decision log, and removes everything. Needs root, the gateway binary
 //! (`NODEGATE_GATEWAY_BIN` or `target/debug/gateway`) and `ngpeer` next to this example's
 //! directory; `cargo xtask demo` builds both first.
 
@@ -229,6 +229,28 @@ impl Demo<'_> {
                             == Some(source)
                 })?;
         show_decision(&line);
+
+        say("Why? `gateway explain` asks the running gateway (its admin server, on the node):");
+        let admin = self.gateway.config().admin.to_string();
+        let args = [
+            "explain",
+            "--admin",
+            &admin,
+            "--service",
+            &self.example.name,
+            "--path",
+            "/",
+            "--source",
+            &source.to_string(),
+        ];
+        println!("\n  $ gateway {}", args.join(" "));
+        let mut cmd = Command::new(self.node.tools().require_gateway()?);
+        cmd.args(args);
+        let out = self.node.node().run(cmd, Duration::from_secs(20))?;
+        show(&out.stdout);
+        if out.code() != Some(2) {
+            return Err(format!("explain should say deny (exit 2): {out:?}").into());
+        }
         Ok(())
     }
 

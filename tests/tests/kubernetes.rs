@@ -633,7 +633,7 @@ fn assert_live_explain(c: &Cluster) {
     let v = out.json().expect("explain --json");
     assert_eq!(s(&v, "decision"), "allow", "{v}");
     assert_eq!(s(&v, "rule"), "sa-client", "{v}");
-    assert_eq!(s(&v, "source"), "live", "{v}");
+    assert_eq!(s(&v, "state"), "live", "{v}");
     assert_eq!(
         v["workload"],
         json!({"namespace": NS, "service_account": "client", "pod": "client"}),

@@ -253,37 +253,45 @@ fn render(out: &Explained) -> String {
         } else {
             format!("policy {}", out.policy_version)
         },
-        if out.source == "live" {
+        if out.state == "live" {
             "live state of the running gateway"
         } else {
             "from the config file"
         }
     );
-    let _ = writeln!(
-        s,
-        "request   {} {}{}",
-        out.method,
-        out.path,
-        out.host
-            .as_ref()
-            .map(|h| format!(" (host {h})"))
-            .unwrap_or_default()
-    );
-    let id = &out.identity;
-    let _ = write!(s, "identity  {}", id.kind);
-    if let Some(sub) = &id.subject {
-        let _ = write!(s, " {sub}");
+    let l4 = out.policy_version.is_empty();
+    if !l4 {
+        let _ = writeln!(
+            s,
+            "request   {} {}{}",
+            out.method,
+            out.path,
+            out.host
+                .as_ref()
+                .map(|h| format!(" (host {h})"))
+                .unwrap_or_default()
+        );
     }
-    if let Some(email) = &id.email {
-        let _ = write!(s, " <{email}>");
+    if let Some(src) = out.src {
+        let _ = writeln!(s, "source    {src}");
     }
-    if !id.groups.is_empty() {
-        let _ = write!(s, " groups [{}]", id.groups.join(", "));
+    if !l4 {
+        let id = &out.identity;
+        let _ = write!(s, "identity  {}", id.kind);
+        if let Some(sub) = &id.subject {
+            let _ = write!(s, " {sub}");
+        }
+        if let Some(email) = &id.email {
+            let _ = write!(s, " <{email}>");
+        }
+        if !id.groups.is_empty() {
+            let _ = write!(s, " groups [{}]", id.groups.join(", "));
+        }
+        if let Some(iss) = &id.issuer {
+            let _ = write!(s, " issuer {iss}");
+        }
+        let _ = writeln!(s, " (from {})", id.from);
     }
-    if let Some(iss) = &id.issuer {
-        let _ = write!(s, " issuer {iss}");
-    }
-    let _ = writeln!(s, " (from {})", id.from);
     if let Some(w) = &out.workload {
         let _ = write!(s, "workload  {}/{}", w.namespace, w.service_account);
         if let Some(pod) = &w.pod {

@@ -369,6 +369,36 @@ fn l4_rule_allows_listed_sources_and_denies_the_rest() {
         served_peer(&backend.stdout(), "denied").is_none(),
         "denied traffic reached the backend"
     );
+
+    // `gateway explain` asks the running gateway and decides the same way, by the source.
+    let admin = gw.config().admin.to_string();
+    for (source, exit, reason) in [
+        (a.ipv4, 0, "source_allowed"),
+        (c.ipv4, 2, "source_not_allowed"),
+    ] {
+        let mut cmd = std::process::Command::new(node.tools().require_gateway().expect("gateway"));
+        let source = source.to_string();
+        cmd.args([
+            "explain",
+            "--admin",
+            &admin,
+            "--service",
+            "web",
+            "--path",
+            "/",
+            "--source",
+            &source,
+            "--json",
+        ]);
+        let out = node
+            .node()
+            .run(cmd, Duration::from_secs(20))
+            .expect("gateway explain");
+        assert_eq!(out.code(), Some(exit), "{out:?}");
+        let v = out.json().expect("explain --json");
+        assert_eq!(s(&v, "reason"), reason, "{v}");
+        assert_eq!(s(&v, "state"), "live", "{v}");
+    }
 }
 
 #[test]

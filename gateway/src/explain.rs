@@ -149,8 +149,8 @@ impl Origin {
 /// keys that could not be loaded).
 ///
 /// # Errors
-/// [`BadQuery`] for an unknown service, an L4 service, a malformed SPIFFE ID, workload or
-/// claims.
+/// [`BadQuery`] for an unknown service, an L4 service without a source address, a malformed
+/// SPIFFE ID, workload or claims.
 pub fn explain(
     routes: &Routes,
     auth: &Authenticator,
@@ -236,7 +236,10 @@ pub fn explain(
             }
         }
     };
-    let allowed = allowed && connection_allowed(service, query, &mut out);
+    // Checked per connection before any request: its refusal is the answer, whatever the
+    // request's own verdict.
+    let connection = connection_allowed(service, query, &mut out);
+    let allowed = connection && allowed;
     if allowed { "allow" } else { "deny" }.clone_into(&mut out.decision);
     if !allowed && service.mode == Mode::Audit {
         out.notes.push(

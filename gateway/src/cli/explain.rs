@@ -498,6 +498,28 @@ mod tests {
         };
         assert!(run(lan("10.0.0.9")).unwrap());
         assert!(!run(lan("10.0.1.9")).unwrap());
+        // Refused per connection first, even where the policy would deny too.
+        let routes = Routes::new(&Config::load(&config).unwrap());
+        let auth = Authenticator::new(
+            &Config::load(&config).unwrap().auth,
+            std::sync::Arc::new(crate::auth::NoopObserver),
+        )
+        .unwrap();
+        let out = explain::explain(
+            &routes,
+            &auth,
+            &Query {
+                path: "/a/../b".into(),
+                ..lan("10.0.1.9")
+            },
+            Origin::Config,
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            (out.decision.as_str(), out.reason.as_str()),
+            ("deny", "source_not_allowed")
+        );
         assert!(
             run(Query {
                 source: None,

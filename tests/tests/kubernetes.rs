@@ -665,7 +665,10 @@ fn assert_live_explain(c: &Cluster) {
     let config = c.gw.config_path().display().to_string();
     let out = explain(&["--config", &config]);
     assert_eq!(out.code(), Some(64), "{out:?}");
-    assert!(out.stderr.contains("no service \"shop/web\""), "{out:?}");
+    assert!(
+        out.stderr.contains("no service \"shop/web\"") && out.stderr.contains("leave out --config"),
+        "{out:?}"
+    );
 }
 
 /// A labelled Service's TLS certificate and Host names come from the config's

@@ -178,8 +178,15 @@ fn from_config(path: &Path, query: &Query) -> Result<Explained, CliError> {
         }
     }
     let routes = Routes::new(&config);
-    explain::explain(&routes, &auth, query, Origin::Config, notes)
-        .map_err(|e| CliError::Input(format!("{e} in {}", path.display())))
+    explain::explain(&routes, &auth, query, Origin::Config, notes).map_err(|e| {
+        let hint = if query.service.contains('/') && config.kubernetes.is_some() {
+            "; a Service protected by its Kubernetes label is known to the running gateway \
+             only: leave out --config"
+        } else {
+            ""
+        };
+        CliError::Input(format!("{e} in {}{hint}", path.display()))
+    })
 }
 
 /// `POST /explain` to the daemon's admin server.

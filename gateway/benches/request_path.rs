@@ -253,7 +253,7 @@ fn setup() -> Setup {
             routes.clone(),
         );
         let shared = Arc::new(Shared {
-            node: config.node.clone(),
+            node: config.node.as_str().into(),
             routes,
             orig: Box::new(orig.clone()),
             metrics,

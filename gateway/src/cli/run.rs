@@ -88,7 +88,7 @@ pub(super) fn run(path: Option<&Path>, overrides: &Overrides) -> Result<(), CliE
     let routes = Routes::shared(&config);
     admin.serve_explain(routes.clone(), auth.clone());
     let shared = Arc::new(proxy::Shared {
-        node: config.node.clone(),
+        node: config.node.as_str().into(),
         routes: routes.clone(),
         orig: Box::new(datapath.orig_dst()),
         metrics: metrics.clone(),

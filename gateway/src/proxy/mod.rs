@@ -79,7 +79,8 @@ impl OrigDstLookup for OrigDstTable {
 
 /// State shared by every connection.
 pub struct Shared {
-    pub node: String,
+    /// The node's name, shared with every decision line (no copy per request).
+    pub node: Arc<str>,
     pub routes: SharedRoutes,
     pub orig: Box<dyn OrigDstLookup>,
     pub metrics: Arc<Metrics>,

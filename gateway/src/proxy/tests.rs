@@ -81,7 +81,7 @@ impl Proxy {
         let orig = Arc::new(FakeOrig::default());
         let routes = Routes::shared(config);
         let shared = Arc::new(Shared {
-            node: config.node.clone(),
+            node: config.node.as_str().into(),
             routes: routes.clone(),
             orig: Box::new(orig.clone()),
             metrics: Arc::new(Metrics::new(None)),

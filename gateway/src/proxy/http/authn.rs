@@ -130,6 +130,11 @@ pub enum Authn {
 
 impl Authn {
     pub fn identity(&self) -> Option<&Identity> {
+        self.shared_identity().map(AsRef::as_ref)
+    }
+
+    /// The identity as the request holds it (shared, e.g. with its decision line).
+    pub fn shared_identity(&self) -> Option<&Arc<Identity>> {
         match self {
             Self::Authenticated { identity, .. } => Some(identity),
             _ => None,

@@ -783,8 +783,8 @@ async fn process(
         conn.tls.is_some(),
     )
     .await;
+    log_identity(line, authn.shared_identity());
     let identity = authn.identity();
-    log_identity(line, identity);
     let session_refused = match &authn {
         Authn::Anonymous {
             session_refused: Some(reason),
@@ -995,15 +995,9 @@ fn login_request<'a>(
     }
 }
 
-fn log_identity(line: &mut RequestLine, identity: Option<&Identity>) {
+fn log_identity(line: &mut RequestLine, identity: Option<&Arc<Identity>>) {
     if let Some(id) = identity {
-        line.identity = IdentityLog {
-            kind: id.kind.as_str(),
-            subject: Some(id.subject.clone()),
-            email: id.email.clone(),
-            groups: id.groups.clone(),
-            issuer: Some(id.issuer.clone()),
-        };
+        line.identity = IdentityLog(Some(id.clone()));
     }
 }
 
@@ -1029,7 +1023,7 @@ async fn reserved(
         Decision::Deny
     };
     line.reason = answer.reason;
-    log_identity(line, answer.identity.as_deref());
+    log_identity(line, answer.identity.as_ref());
     answer.response
 }
 

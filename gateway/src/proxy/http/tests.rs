@@ -164,7 +164,7 @@ impl Proxy {
             report.result.unwrap();
         }
         let shared = Arc::new(Shared {
-            node: config.node.clone(),
+            node: config.node.as_str().into(),
             routes,
             orig: Box::new(orig.clone()),
             metrics: Arc::new(Metrics::new(None)),

@@ -288,7 +288,7 @@ impl Proxy {
         let http = context(config, routes.clone());
         let metrics = Arc::new(Metrics::new(None));
         let shared = Arc::new(Shared {
-            node: config.node.clone(),
+            node: config.node.as_str().into(),
             routes,
             orig: Box::new(orig.clone()),
             metrics: metrics.clone(),

@@ -258,11 +258,7 @@ fn connection_allowed(service: &ServiceRoute, query: &Query, out: &mut Explained
     if sources.is_empty() {
         return true;
     }
-    let list = sources
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = list_sources(&service.rule);
     let Some(source) = query.source else {
         out.notes.push(format!(
             "allow_sources ({list}) is checked per connection before any request: give the \
@@ -321,14 +317,7 @@ fn explain_l4(
     notes.push(if sources.is_empty() {
         "allow_sources is empty: no source may connect".to_owned()
     } else {
-        format!(
-            "allow_sources: {}",
-            sources
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        format!("allow_sources: {}", list_sources(&service.rule))
     });
     if !allowed && service.mode == Mode::Audit {
         notes.push(
@@ -353,6 +342,15 @@ fn explain_l4(
         src: query.source,
         state: origin.as_str().to_owned(),
     })
+}
+
+/// `allow_sources` as the notes show it: `10.0.0.0/24, fd00::/64`.
+fn list_sources(rule: &crate::config::L4Rule) -> String {
+    rule.allow_sources
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn unknown_service(routes: &Routes, name: &str) -> BadQuery {

@@ -506,12 +506,10 @@ mod tests {
         assert!(run(lan("10.0.0.9")).unwrap());
         assert!(!run(lan("10.0.1.9")).unwrap());
         // Refused per connection first, even where the policy would deny too.
-        let routes = Routes::new(&Config::load(&config).unwrap());
-        let auth = Authenticator::new(
-            &Config::load(&config).unwrap().auth,
-            std::sync::Arc::new(crate::auth::NoopObserver),
-        )
-        .unwrap();
+        let loaded = Config::load(&config).unwrap();
+        let routes = Routes::new(&loaded);
+        let auth = Authenticator::new(&loaded.auth, std::sync::Arc::new(crate::auth::NoopObserver))
+            .unwrap();
         let out = explain::explain(
             &routes,
             &auth,

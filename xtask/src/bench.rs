@@ -125,9 +125,7 @@ pub fn run(args: &Args) -> Result<()> {
     } else {
         None
     };
-    steps.run("build the gateway (release)", || {
-        cmd::run(cmd::cargo().args(["build", "--release", "-p", "gateway", "--bins"]))
-    })?;
+    steps.run("build the gateway (release)", build_release)?;
     let out_dir = cmd::target_dir().join("nodegate-bench");
     let results_path = out_dir.join("results.json");
     let peers_path = out_dir.join("peers.json");
@@ -233,6 +231,19 @@ fn write_report(
     fs::write(output, report).with_context(|| format!("writing {}", output.display()))?;
     println!("wrote {}", output.display());
     Ok(())
+}
+
+/// The gateway and `hyper_floor`, the hyper pass-through the `http` pass runs beside it.
+fn build_release() -> Result<()> {
+    cmd::run(cmd::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "gateway",
+        "--bins",
+        "--example",
+        "hyper_floor",
+    ]))
 }
 
 /// `cargo bench -p nodegate-tests --bench peers`: the `http` and `scale` passes.

@@ -14,12 +14,25 @@ const TARGET_CPU_PER_1000: f64 = 0.08;
 const TARGET_RSS_IDLE_MB: f64 = 16.0;
 const TARGET_RSS_CONNS_MB: f64 = 64.0;
 
-const TARGETS: [(&str, &str); 5] = [
+const TARGETS: [(&str, &str); 8] = [
     ("direct", "direct (backend, no proxy)"),
     ("gateway", "Nodegate: JWT + 100-rule policy"),
     ("envoy", "Envoy: jwt_authn + RBAC"),
     ("envoy_cached", "Envoy: jwt_authn (jwt_cache_config) + RBAC"),
     ("nginx", "nginx: proxy_pass, upstream keep-alive"),
+    // The gateway's layers (HTTP/1.1 only): what its cost is made of.
+    (
+        "gateway_l4",
+        "layer: Nodegate as an L4 rule (redirect + byte copy)",
+    ),
+    (
+        "gateway_anon",
+        "layer: Nodegate HTTP, 1 rule, anonymous (no token)",
+    ),
+    (
+        "hyper_floor",
+        "floor: hyper server + client, pass-through only",
+    ),
 ];
 const PROTOS: [&str; 4] = ["http/1.1", "h2c", "http/1.1+tls", "h2+tls"];
 
@@ -267,7 +280,13 @@ pub fn render_http(md: &mut String, peers: &Value) {
          streams in flight, 4 per connection), then oha at a fixed {} req/s on {} connections with \
          `--latency-correction` for {} s (h2c and TLS: {} s each), then {} idle keep-alive \
          connections (one request each) for the RSS. Every request carries the same bearer \
-         token; only the gateway and Envoy check it. Any non-2xx answer fails the run.\n",
+         token; only the gateway and Envoy check it. Any non-2xx answer fails the run. \
+         The `layer:` rows (HTTP/1.1 only) are the gateway with less to do, to show what its \
+         cost is made of: the same service as an L4 rule (kernel redirect and byte copy), and \
+         as HTTP with one rule allowing anonymous `GET`, its requests sent without the token. \
+         The `floor:` row is not the gateway: hyper's HTTP/1.1 server and client passing \
+         requests through, nothing else (`gateway/examples/hyper_floor.rs`), the floor of a \
+         proxy built on hyper.\n",
         plan["proxy_cpu"],
         str_of(&plan["load_cpu"]),
         str_of(&plan["backend_cpu"]),
@@ -317,6 +336,13 @@ fn render_medians(md: &mut String, peers: &Value) {
              |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for (id, label) in TARGETS {
+            // The layers run for HTTP/1.1 only: no row at all elsewhere.
+            if !rows(peers)
+                .iter()
+                .any(|r| r["proto"] == proto && r["target"] == id)
+            {
+                continue;
+            }
             let missing = rows(peers)
                 .iter()
                 .find(|r| r["proto"] == proto && r["target"] == id)

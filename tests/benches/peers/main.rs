@@ -60,6 +60,8 @@ const OUT_ENV: &str = "NODEGATE_PEERS_OUT";
 /// Paths of the tools `cargo xtask bench` installs outside PATH.
 const OHA_ENV: &str = "NODEGATE_BENCH_OHA";
 const ENVOY_ENV: &str = "NODEGATE_BENCH_ENVOY";
+/// The hyper pass-through (default: the release build of `gateway/examples/hyper_floor.rs`).
+const HYPER_FLOOR_ENV: &str = "NODEGATE_BENCH_HYPER_FLOOR";
 
 const CLIENT: &str = "client";
 const BACKEND: &str = "backend";
@@ -177,14 +179,27 @@ enum Target {
     Envoy,
     EnvoyCached,
     Nginx,
+    /// The gateway's layers, HTTP/1.1 only (what the full gateway's cost is made of): the same
+    /// service as an L4 rule (the kernel redirect and a byte copy, no HTTP) ...
+    GatewayL4,
+    /// ... and as HTTP with one rule that allows anonymous `GET`, requests sent without a
+    /// token (hyper on both sides, the framing guard, the canonical path, the decision line,
+    /// the identity assertion; no token check, a 1-rule policy).
+    GatewayAnon,
+    /// Not the gateway: hyper's server and client passing requests through and nothing else
+    /// (`gateway/examples/hyper_floor.rs`), the floor of any proxy built on hyper.
+    HyperFloor,
 }
 
-const TARGETS: [Target; 5] = [
+const TARGETS: [Target; 8] = [
     Target::Direct,
     Target::Gateway,
     Target::Envoy,
     Target::EnvoyCached,
     Target::Nginx,
+    Target::GatewayL4,
+    Target::GatewayAnon,
+    Target::HyperFloor,
 ];
 const PROTOS: [Proto; 4] = [Proto::H1, Proto::H2c, Proto::H1Tls, Proto::H2Tls];
 
@@ -196,8 +211,35 @@ impl Target {
             Self::Envoy => "envoy",
             Self::EnvoyCached => "envoy_cached",
             Self::Nginx => "nginx",
+            Self::GatewayL4 => "gateway_l4",
+            Self::GatewayAnon => "gateway_anon",
+            Self::HyperFloor => "hyper_floor",
         }
     }
+
+    /// Whether the target runs for `proto` (the gateway's layers: HTTP/1.1 only).
+    fn serves(self, proto: Proto) -> bool {
+        !matches!(self, Self::GatewayL4 | Self::GatewayAnon | Self::HyperFloor)
+            || proto == Proto::H1
+    }
+
+    /// Which of the gateway's set-ups; `None` for the other targets.
+    const fn layer(self) -> Option<Layer> {
+        match self {
+            Self::Gateway => Some(Layer::Full),
+            Self::GatewayL4 => Some(Layer::L4),
+            Self::GatewayAnon => Some(Layer::Anonymous),
+            Self::Direct | Self::Envoy | Self::EnvoyCached | Self::Nginx | Self::HyperFloor => None,
+        }
+    }
+}
+
+/// The gateway's set-ups: the benchmark's (JWT + 100 rules) and its layers (see [`Target`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Layer {
+    Full,
+    L4,
+    Anonymous,
 }
 
 /// The simulated node with the backend running, the token, the certificate and the tools.
@@ -308,17 +350,26 @@ impl Topo {
         SocketAddr::new(IpAddr::V4(self.node.ipv4()), port)
     }
 
-    /// The gateway's config: one HTTP service behind the VIP, the issuer, the policy.
-    fn gateway_config(&self) -> GatewayConfig {
-        let mut allow: Vec<Value> = (0..peers::RULES - 1)
-            .map(|i| json!({ "id": format!("rule-{i:03}"), "when": { "groups": peers::other_group(i) } }))
-            .collect();
-        allow.push(json!({ "id": format!("rule-{:03}", peers::RULES - 1), "when": { "groups": peers::GROUP } }));
+    /// The gateway's config: one service behind the VIP, the issuer, and per `layer` the
+    /// policy (100 rules on the token's groups; one rule for anonymous `GET`; none: L4).
+    fn gateway_config(&self, layer: Layer) -> GatewayConfig {
         let service = ServiceConfig::new(SERVICE, Mode::Enforce)
             .vip(self.vip)
             .endpoint(self.backend(peers::BACKEND_PROTECTED))
-            .allow(&self.node.cidr_v4())
-            .policy(json!({ "allow": allow }));
+            .allow(&self.node.cidr_v4());
+        let service = match layer {
+            Layer::Full => {
+                let mut allow: Vec<Value> = (0..peers::RULES - 1)
+                    .map(|i| json!({ "id": format!("rule-{i:03}"), "when": { "groups": peers::other_group(i) } }))
+                    .collect();
+                allow.push(json!({ "id": format!("rule-{:03}", peers::RULES - 1), "when": { "groups": peers::GROUP } }));
+                service.policy(json!({ "allow": allow }))
+            }
+            Layer::Anonymous => service.policy(
+                json!({ "allow": [{ "id": "anyone-get", "when": { "method": ["GET"] } }] }),
+            ),
+            Layer::L4 => service,
+        };
         self.node
             .gateway_config()
             .service(service)
@@ -331,8 +382,8 @@ impl Topo {
     /// The gateway with [`Self::gateway_config`]; with `tls`, the service also terminates TLS
     /// with the bench certificate (the harness writes services without `tls:`: start, then
     /// write the file with it and restart).
-    fn start_gateway(&self, tls: bool) -> Result<Gateway, String> {
-        let config = self.gateway_config();
+    fn start_gateway(&self, layer: Layer, tls: bool) -> Result<Gateway, String> {
+        let config = self.gateway_config(layer);
         let mut gateway = self
             .node
             .start_gateway(config.clone())
@@ -379,9 +430,10 @@ impl Topo {
                 };
                 (Running::None, url(self.backend(port)))
             }
-            Target::Gateway => {
+            Target::Gateway | Target::GatewayL4 | Target::GatewayAnon => {
+                let layer = target.layer().unwrap_or(Layer::Full);
                 let previous = procfs::pin_thread(&[PROXY_CPU]).map_err(|e| format!("pin: {e}"))?;
-                let started = self.start_gateway(proto.tls());
+                let started = self.start_gateway(layer, proto.tls());
                 procfs::restore_affinity(&previous).map_err(|e| format!("unpin: {e}"))?;
                 (Running::Gateway(Box::new(started?)), url(self.vip))
             }
@@ -412,6 +464,25 @@ impl Topo {
                     peers::ENVOY_PLAIN
                 };
                 (Running::Proc(proc), url(self.node_addr(port)))
+            }
+            Target::HyperFloor => {
+                let program = env::var_os(HYPER_FLOOR_ENV).map_or_else(
+                    || workspace_dir().join("target/release/examples/hyper_floor"),
+                    PathBuf::from,
+                );
+                if !program.exists() {
+                    return Err(format!(
+                        "{} is missing: cargo +1.99.1 build --release -p gateway --example \
+                         hyper_floor (or set {HYPER_FLOOR_ENV})",
+                        program.display()
+                    ));
+                }
+                let listen = self.node_addr(peers::HYPER_FLOOR_H1);
+                let backend = self.backend(peers::BACKEND_H1);
+                let proc = spawn_pinned(self.node.node(), "hyper-floor", &cpu, &program, |c| {
+                    c.arg(listen.to_string()).arg(backend.to_string());
+                })?;
+                (Running::Proc(proc), url(listen))
             }
             Target::Nginx => {
                 let conf = peers::write(
@@ -559,7 +630,7 @@ fn http_pass(quick: bool) -> Result<Value, String> {
             let mut order = TARGETS.to_vec();
             order.rotate_left(trial % TARGETS.len());
             for target in order {
-                if !selected(target.id(), &target_ids) {
+                if !selected(target.id(), &target_ids) || !target.serves(proto) {
                     continue;
                 }
                 println!(
@@ -614,7 +685,12 @@ fn run_target(
     let load = Load {
         client: topo.client(),
         url: url.clone(),
-        headers: vec![format!("Authorization: Bearer {}", topo.token)],
+        // The anonymous layer is measured without the token (with one, it would be checked).
+        headers: if target == Target::GatewayAnon {
+            Vec::new()
+        } else {
+            vec![format!("Authorization: Bearer {}", topo.token)]
+        },
         proto,
     };
     let (max_for, fixed_for) = if proto == Proto::H1 {

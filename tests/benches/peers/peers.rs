@@ -21,6 +21,7 @@ pub const NGINX_H2C: u16 = 18081;
 pub const NGINX_TLS: u16 = 18443;
 pub const ENVOY_PLAIN: u16 = 19080; // codec AUTO: HTTP/1.1 and h2c prior knowledge
 pub const ENVOY_TLS: u16 = 19443;
+pub const HYPER_FLOOR_H1: u16 = 17080;
 
 /// A self-signed P-256 certificate for `bench.nodegate.test` (and the addresses given).
 pub struct Cert {

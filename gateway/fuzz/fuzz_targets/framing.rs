@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
     if let Some(split) = data.len().checked_div(2) {
         let first = check_stream(&data[..split]);
         if whole.is_ok() {
-            assert!(first.is_ok(), "a prefix of an accepted stream was refused: {first:?}");
+            assert!(
+                first.is_ok(),
+                "a prefix of an accepted stream was refused: {first:?}"
+            );
         }
     }
 });

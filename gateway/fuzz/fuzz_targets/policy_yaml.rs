@@ -6,10 +6,10 @@
 
 use std::collections::BTreeMap;
 
-use libfuzzer_sys::fuzz_target;
 use gateway::policy::{
     CanonicalPath, CompiledPolicy, Identity, IdentityKind, Policy, RequestContext, Workload,
 };
+use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -6,7 +6,7 @@
 //! directly: it is refused and never forwarded anywhere.
 
 mod conn;
-mod detect;
+pub mod detect;
 mod forward;
 pub mod http;
 pub mod routes;

@@ -12,6 +12,7 @@ mod cmd;
 mod daemonset;
 mod demo;
 mod fmt;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -42,6 +43,9 @@ enum Command {
     /// Format the workspace with the pinned nightly's rustfmt, which also applies the
     /// nightly-only import options (`group_imports`, `imports_granularity`).
     Fmt(fmt::Args),
+    /// Set up, build the fuzz targets of gateway/fuzz (cargo-fuzz, pinned nightly) and run
+    /// each, or the one named, from its seeds for `--seconds`; the corpus grows in target/fuzz.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
         Command::Fmt(args) => fmt::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

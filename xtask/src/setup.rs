@@ -39,6 +39,9 @@ const OIDC_DIR: &str = "tests/oidc";
 const OIDC_STAMP: &str = "node_modules/.nodegate-package-lock.json";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Builds and runs the fuzz targets of `gateway/fuzz` (`cargo xtask fuzz`, a step of
+/// `cargo xtask test`); 0.13.2 builds with --locked on the stable toolchain.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -50,6 +53,7 @@ pub fn run() -> Result<()> {
     toolchain(STABLE, &["rustfmt", "clippy"])?;
     toolchain(EBPF_TOOLCHAIN, &["rust-src"])?;
     bpf_linker()?;
+    cargo_fuzz()?;
     bpffs()?;
     println!("  ok  cgroup v2 mounted at {cgroup2}");
     println!("setup: done");
@@ -336,6 +340,31 @@ fn bpf_linker() -> Result<()> {
             .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
             .args(["--locked", "--no-default-features", "--features", "llvm-22"]),
     )
+}
+
+/// `cargo install cargo-fuzz` unless that version is there (half a minute the first time).
+fn cargo_fuzz() -> Result<()> {
+    let installed = cmd::cargo_bin_dir()
+        .map(|dir| dir.join("cargo-fuzz"))
+        .and_then(|bin| cmd::output(Command::new(bin).arg("--version")));
+    let found = installed
+        .as_deref()
+        .and_then(|v| v.split_whitespace().nth(1));
+    if found == Some(CARGO_FUZZ_VERSION) {
+        println!("  ok  cargo-fuzz {CARGO_FUZZ_VERSION}");
+        return Ok(());
+    }
+    match found {
+        Some(other) => println!("  install  cargo-fuzz {CARGO_FUZZ_VERSION} (found {other})"),
+        None => println!("  install  cargo-fuzz {CARGO_FUZZ_VERSION}"),
+    }
+    cmd::run(cmd::cargo().args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+    ]))
 }
 
 fn bpf_linker_in_cargo_home() -> std::path::PathBuf {

@@ -1,6 +1,6 @@
-//! `cargo xtask test`: what CI runs (`.ci/run`). Set-up, formatting, lints, build, then the
-//! whole test suite as root on the real kernel. The last thing printed is `cargo test`'s own
-//! output, result lines included: CI reads them.
+//! `cargo xtask test`: what CI runs (`.ci/run`). Set-up, formatting, lints, build, a short run of
+//! every fuzz target, then the whole test suite as root on the real kernel. The last thing
+//! printed is `cargo test`'s own output, result lines included: CI reads them.
 
 use std::ffi::OsString;
 
@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::{
     cmd::{self, Steps},
-    daemonset, setup,
+    daemonset, fuzz, setup,
 };
 
 #[derive(clap::Args)]
@@ -52,6 +52,13 @@ pub fn run(args: &Args) -> Result<()> {
     steps.run(
         "validate daemonset/ (kubernetes-validate --strict, CRD schema, examples)",
         daemonset::validate,
+    )?;
+    steps.run(
+        &format!(
+            "fuzz targets (gateway/fuzz, {} s each from its seeds)",
+            fuzz::CI_SECONDS
+        ),
+        fuzz::ci,
     )?;
     steps.print_summary("cargo xtask test: checks passed");
     let gateway = gateway_bin();

@@ -40,15 +40,16 @@ fn values(headers: &HeaderMap, name: &HeaderName) -> Vec<HeaderValue> {
     headers.get_all(name).iter().cloned().collect()
 }
 
-/// The names `Connection` lists, lower case, as the gateway reads them (values that are not
-/// visible ASCII are not read).
+/// The names `Connection` lists, lower case: every comma-separated element of every value,
+/// also in a value that has bytes outside visible ASCII (an element that is not a header name
+/// names nothing).
 fn connection_tokens(headers: &HeaderMap) -> BTreeSet<String> {
     headers
         .get_all(CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|t| std::str::from_utf8(t.trim_ascii()).ok())
+        .map(str::to_ascii_lowercase)
         .collect()
 }
 

@@ -190,9 +190,14 @@ pub fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The time `secs` after the epoch. One past what `SystemTime` holds (only a sealed value of
+/// our own could carry it) is the epoch itself: as an expiry it has passed, so it fails closed
+/// instead of panicking.
 #[must_use]
 pub fn from_unix(secs: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(secs)
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(secs))
+        .unwrap_or(UNIX_EPOCH)
 }
 
 /// Why a session cookie was not accepted. The reason codes go to the decision log.
@@ -873,6 +878,12 @@ mod tests {
         // Expired entries are pruned before anything live is dropped.
         list.insert(SessionId::generate().unwrap(), 5_000_000, 2_000_000);
         assert_eq!(list.until.len(), 1);
+    }
+
+    #[test]
+    fn times_past_what_systemtime_holds_are_the_epoch_not_a_panic() {
+        assert_eq!(from_unix(u64::MAX), UNIX_EPOCH);
+        assert_eq!(unix(from_unix(T0)), T0);
     }
 
     #[test]

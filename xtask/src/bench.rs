@@ -870,6 +870,14 @@ fn method(md: &mut String) {
            are reported.\n\
          - The gateway writes one decision line per request (stdout and a file), Envoy and nginx \
            no access log: the gateway's figures include that cost.\n\
+         - The `layer:` and `floor:` rows (HTTP/1.1) take the gateway apart: `gateway_l4` is \
+           the same service as an L4 rule (no HTTP), `gateway_anon` its HTTP path with one rule \
+           allowing anonymous `GET` (requests without the token: no token check, no 100 rules), \
+           and `hyper_floor` is not the gateway but `gateway/examples/hyper_floor.rs`, hyper's \
+           HTTP/1.1 server and client passing requests through with nothing else (one backend \
+           connection per client connection, a current-thread runtime), started like nginx in \
+           the node's namespace. The distance from `hyper_floor` to `gateway_anon` is the \
+           gateway's own per-request work ([PROFILE.md](PROFILE.md)).\n\
          - To profile one proxy under load: `NODEGATE_PEERS_ONLY=gateway,http/1.1 \
            NODEGATE_PEERS_SECONDS=30 cargo xtask bench http --quick` (and \
            `NODEGATE_PEERS_FIXED_SECONDS` for a longer run at 1000 req/s) and, meanwhile, \

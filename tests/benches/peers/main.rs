@@ -223,6 +223,16 @@ impl Target {
             || proto == Proto::H1
     }
 
+    /// Whether its RSS with 10,000 idle keep-alive connections is measured: not for the
+    /// layers and the floor, which open a backend connection per client connection (20,000
+    /// sockets, past what the node's limits hold) and are not what the targets are about.
+    fn holds_idle(self) -> bool {
+        matches!(
+            self,
+            Self::Gateway | Self::Envoy | Self::EnvoyCached | Self::Nginx
+        )
+    }
+
     /// Which of the gateway's set-ups; `None` for the other targets.
     const fn layer(self) -> Option<Layer> {
         match self {
@@ -721,6 +731,7 @@ fn run_target(
     row["fixed"] = fixed;
     if let Some(pid) = pid
         && proto == Proto::H1
+        && target.holds_idle()
     {
         let addr: SocketAddr = url
             .trim_start_matches("http://")

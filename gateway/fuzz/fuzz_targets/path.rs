@@ -3,7 +3,7 @@
 
 #![no_main]
 
-use gateway::policy::CanonicalPath;
+use gateway::policy::{CanonicalPath, MAX_PATH_LEN, PathError};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -25,6 +25,9 @@ fuzz_target!(|data: &[u8]| {
     let origin = path.to_origin_form();
     match CanonicalPath::parse(origin.as_bytes()) {
         Ok(again) => assert_eq!(again, path, "not idempotent via {origin:?}"),
+        // The limit is on the path as received: percent-encoding what was sent raw (`>` is
+        // `%3E`) may take a path within it past it (found by this target in CI).
+        Err(PathError::TooLong) if origin.len() > MAX_PATH_LEN => {}
         Err(e) => panic!("re-encoded form {origin:?} rejected: {e}"),
     }
 });

@@ -337,17 +337,13 @@ fn render_medians(md: &mut String, peers: &Value) {
         );
         for (id, label) in TARGETS {
             // The layers run for HTTP/1.1 only: no row at all elsewhere.
-            if !rows(peers)
-                .iter()
-                .any(|r| r["proto"] == proto && r["target"] == id)
-            {
-                continue;
-            }
-            let missing = rows(peers)
+            let Some(first) = rows(peers)
                 .iter()
                 .find(|r| r["proto"] == proto && r["target"] == id)
-                .and_then(|r| r["missing"].as_str());
-            if let Some(why) = missing {
+            else {
+                continue;
+            };
+            if let Some(why) = first["missing"].as_str() {
                 let _ = writeln!(md, "| {label} | missing: {why} | | | | | | | | | |");
                 continue;
             }

@@ -44,7 +44,8 @@ enum Command {
     /// nightly-only import options (`group_imports`, `imports_granularity`).
     Fmt(fmt::Args),
     /// Set up, build the fuzz targets of gateway/fuzz (cargo-fuzz, pinned nightly) and run
-    /// each, or the one named, from its seeds for `--seconds`; the corpus grows in target/fuzz.
+    /// each, or the one named, from its seeds for `--seconds` (the corpus grows in
+    /// target/fuzz); `--ci`: exactly the step of `cargo xtask test`.
     Fuzz(fuzz::Args),
 }
 

@@ -163,7 +163,7 @@ pub fn explain(
     }
     let service = routes
         .services()
-        .find(|s| s.name == query.service)
+        .find(|s| *s.name == *query.service)
         .ok_or_else(|| unknown_service(routes, &query.service))?;
     let Some(http) = &service.http else {
         return explain_l4(service, query, origin, notes);
@@ -172,9 +172,9 @@ pub fn explain(
     let workload = workload(routes, query)?;
 
     let mut out = Explained {
-        service: service.name.clone(),
+        service: service.name.to_string(),
         mode: mode_str(service.mode).to_owned(),
-        policy_version: http.policy.version.clone(),
+        policy_version: http.policy.version.to_string(),
         method: query.method.clone(),
         path: query.path.clone(),
         host: query.host.clone(),
@@ -211,7 +211,7 @@ pub fn explain(
                 now: now_unix(),
             });
             out.rules = explanation.rules;
-            out.rule = explanation.decision.rule_id.clone();
+            out.rule = explanation.decision.rule_id.as_deref().map(str::to_owned);
             explanation
                 .decision
                 .reason
@@ -326,7 +326,7 @@ fn explain_l4(
         );
     }
     Ok(Explained {
-        service: service.name.clone(),
+        service: service.name.to_string(),
         mode: mode_str(service.mode).to_owned(),
         policy_version: String::new(),
         method: query.method.clone(),
@@ -355,7 +355,7 @@ fn list_sources(rule: &crate::config::L4Rule) -> String {
 
 fn unknown_service(routes: &Routes, name: &str) -> BadQuery {
     use std::fmt::Write as _;
-    let mut names: Vec<&str> = routes.services().map(|s| s.name.as_str()).collect();
+    let mut names: Vec<&str> = routes.services().map(|s| &*s.name).collect();
     names.sort_unstable();
     let more = names.len().saturating_sub(LIST_SERVICES_MAX);
     names.truncate(LIST_SERVICES_MAX);

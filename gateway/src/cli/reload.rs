@@ -675,7 +675,7 @@ mod kube_tests {
         routes
             .load()
             .resolve(dst.parse().unwrap())
-            .map(|r| r.service.name.clone())
+            .map(|r| r.service.name.to_string())
     }
 
     #[test]

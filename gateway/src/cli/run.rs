@@ -470,7 +470,12 @@ fn spawn_key_upkeep(auth: Arc<Authenticator>) -> tokio::task::JoinHandle<()> {
 
 fn service_lookup(routes: &SharedRoutes) -> ServiceLookup {
     let routes = routes.clone();
-    Box::new(move |id| routes.load().service(id).map(|s| (s.name.clone(), s.mode)))
+    Box::new(move |id| {
+        routes
+            .load()
+            .service(id)
+            .map(|s| (s.name.to_string(), s.mode))
+    })
 }
 
 /// Bypass lines name the local pod that owns the source address (by address only: pods'

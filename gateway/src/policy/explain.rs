@@ -5,6 +5,8 @@
 //! same `Node::matches` the evaluator uses, so it doubles as the reference implementation the
 //! indexed evaluator is tested against.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use super::matcher::{CompiledPolicy, Decision, Node, Prepared, RuleSet, StrSet};
@@ -42,7 +44,7 @@ impl CompiledPolicy {
         let deny = trace_set(&self.deny, RuleKind::Deny, ctx, &req, &mut rules);
         let allow = trace_set(&self.allow, RuleKind::Allow, ctx, &req, &mut rules);
         Explanation {
-            decision: Decision::from_matches(deny.as_deref(), allow.as_deref()),
+            decision: Decision::from_matches(deny.as_ref(), allow.as_ref()),
             rules,
         }
     }
@@ -55,12 +57,12 @@ fn trace_set(
     ctx: &RequestContext<'_>,
     req: &Prepared<'_>,
     out: &mut Vec<RuleTrace>,
-) -> Option<String> {
+) -> Option<Arc<str>> {
     let mut first = None;
     for rule in &set.rules {
         let matched = rule.node.matches(ctx, req);
         if matched && first.is_none() {
-            first = Some(rule.id.to_string());
+            first = Some(rule.id.clone());
         }
         out.push(RuleTrace {
             kind,

@@ -22,6 +22,7 @@ use std::cell::OnceCell;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -64,22 +65,23 @@ impl ReasonCode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decision {
     pub verdict: Verdict,
-    /// The deciding rule; `None` when nothing matched (default deny).
-    pub rule_id: Option<String>,
+    /// The deciding rule; `None` when nothing matched (default deny). Shared with the
+    /// compiled policy: a decision (one a request) copies no rule id.
+    pub rule_id: Option<Arc<str>>,
     pub reason: ReasonCode,
 }
 
 impl Decision {
-    pub(super) fn from_matches(deny: Option<&str>, allow: Option<&str>) -> Self {
+    pub(super) fn from_matches(deny: Option<&Arc<str>>, allow: Option<&Arc<str>>) -> Self {
         match (deny, allow) {
             (Some(id), _) => Self {
                 verdict: Verdict::Deny,
-                rule_id: Some(id.to_owned()),
+                rule_id: Some(id.clone()),
                 reason: ReasonCode::DeniedByRule,
             },
             (None, Some(id)) => Self {
                 verdict: Verdict::Allow,
-                rule_id: Some(id.to_owned()),
+                rule_id: Some(id.clone()),
                 reason: ReasonCode::AllowedByRule,
             },
             (None, None) => Self {
@@ -126,8 +128,8 @@ impl CompiledPolicy {
             self.allow.first_match(ctx, &req)
         };
         Decision::from_matches(
-            deny.map(|i| self.deny.id(i)),
-            allow.map(|i| self.allow.id(i)),
+            deny.and_then(|i| self.deny.id(i)),
+            allow.and_then(|i| self.allow.id(i)),
         )
     }
 
@@ -146,7 +148,7 @@ pub(super) struct RuleSet {
 
 #[derive(Debug)]
 pub(super) struct CompiledRule {
-    pub(super) id: Box<str>,
+    pub(super) id: Arc<str>,
     pub(super) node: Node,
 }
 
@@ -163,8 +165,8 @@ impl RuleSet {
         Self { rules, index }
     }
 
-    fn id(&self, i: usize) -> &str {
-        self.rules.get(i).map_or("", |r| &r.id)
+    fn id(&self, i: usize) -> Option<&Arc<str>> {
+        self.rules.get(i).map(|r| &r.id)
     }
 
     /// Index of the first rule (document order) that matches.

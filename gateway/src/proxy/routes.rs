@@ -107,7 +107,8 @@ impl Workloads {
 #[derive(Debug)]
 pub struct ServiceRoute {
     pub id: u32,
-    pub name: String,
+    /// Shared with every decision line of the service (no copy a request).
+    pub name: Arc<str>,
     pub mode: Mode,
     pub endpoints: Vec<SocketAddr>,
     pub rule: L4Rule,
@@ -142,7 +143,7 @@ impl Routes {
         for s in &config.services {
             let service = Arc::new(ServiceRoute {
                 id: s.id,
-                name: s.name.clone(),
+                name: s.name.as_str().into(),
                 mode: s.mode,
                 endpoints: s.endpoints.clone(),
                 rule: s.rule.clone(),
@@ -358,6 +359,6 @@ services:
         );
         assert!(r.resolve("[fd96::1]:80".parse().unwrap()).is_some());
         assert!(r.resolve("10.96.0.1:81".parse().unwrap()).is_none());
-        assert_eq!(r.service(route.service.id).unwrap().name, "web");
+        assert_eq!(&*r.service(route.service.id).unwrap().name, "web");
     }
 }

@@ -2,6 +2,7 @@
 //! lines"). Fields without a value (no original destination, so no service) are omitted.
 
 use std::{
+    borrow::Cow,
     cell::RefCell,
     net::SocketAddr,
     sync::Arc,
@@ -18,6 +19,7 @@ use super::{
 use crate::{
     auth::{Identity, cert::CertIdentity},
     ebpf::Mode,
+    proxy::http::headers::RequestId,
 };
 
 /// What happened to a connection. `WouldDeny`: audit mode, the rule denied, forwarded anyway.
@@ -234,9 +236,12 @@ pub struct WorkloadLog {
 pub struct RequestLine {
     #[serde(serialize_with = "arc_str")]
     pub node: Arc<str>,
-    pub request_id: String,
+    #[serde(serialize_with = "request_id_str")]
+    pub request_id: RequestId,
+    /// The service's, policy's, version's and rule's names are shared with the routes and the
+    /// compiled policy: a line copies none of them.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
+    pub service: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "mode_opt")]
     pub mode: Option<Mode>,
     #[serde(serialize_with = "decision_str")]
@@ -244,11 +249,11 @@ pub struct RequestLine {
     pub reason: &'static str,
     /// The policy that was evaluated (the service's), its deciding rule and version.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy: Option<String>,
+    pub policy: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy_version: Option<String>,
+    pub policy_version: Option<Arc<str>>,
     pub identity: IdentityLog,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workload: Option<WorkloadLog>,
@@ -269,8 +274,9 @@ pub struct RequestLine {
     pub cgroup_id: Option<u64>,
     /// `http/1.1` or `h2`.
     pub protocol: &'static str,
+    /// The standard methods are static strings; others (clipped) are copied.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
+    pub method: Option<Cow<'static, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     /// The canonical path when it parsed, else the raw target (clipped).
@@ -289,7 +295,7 @@ impl RequestLine {
     /// A line for a request about which nothing is known yet (denied until decided).
     pub fn new(
         node: &Arc<str>,
-        request_id: String,
+        request_id: RequestId,
         src: SocketAddr,
         protocol: &'static str,
     ) -> Self {
@@ -328,7 +334,7 @@ impl RequestLine {
     /// docs/PROFILE.md). Without the daemon's log (tests, the CLI) it is a tracing event.
     pub fn emit(&self, metrics: &Metrics) {
         metrics.request(
-            self.service.as_deref(),
+            self.service.as_ref(),
             self.decision,
             self.reason,
             self.latency_us,
@@ -385,7 +391,7 @@ impl RequestLine {
     fn write_members(&self, buf: &mut Vec<u8>) {
         let mut out = json::Members::after(buf);
         out.str("node", &self.node);
-        out.str("request_id", &self.request_id);
+        out.str("request_id", self.request_id.as_str());
         out.opt_str("service", self.service.as_deref());
         out.opt_str("mode", self.mode.map(mode_str));
         out.str("decision", self.decision.as_str());
@@ -474,6 +480,10 @@ fn mode_opt<S: Serializer>(mode: &Option<Mode>, s: S) -> Result<S::Ok, S::Error>
 )]
 fn decision_str<S: Serializer>(d: &Decision, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(d.as_str())
+}
+
+fn request_id_str<S: Serializer>(v: &RequestId, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.as_str())
 }
 
 fn arc_str<S: Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
@@ -629,17 +639,17 @@ mod tests {
     fn full_line() -> RequestLine {
         let mut line = RequestLine::new(
             &"node-a".into(),
-            "req-1".to_owned(),
+            RequestId::fixed(b"00000000000000000000000000000001"),
             "10.0.0.7:40000".parse().unwrap(),
             "http/1.1",
         );
-        line.service = Some("grafana".to_owned());
+        line.service = Some("grafana".into());
         line.mode = Some(Mode::Enforce);
         line.decision = Decision::Allow;
         line.reason = "rule_matched";
-        line.policy = Some("grafana".to_owned());
-        line.rule = Some("devs \"read\"".to_owned());
-        line.policy_version = Some("v1".to_owned());
+        line.policy = Some("grafana".into());
+        line.rule = Some("devs \"read\"".into());
+        line.policy_version = Some("v1".into());
         line.identity = user(
             "alice\n",
             Some("alice@example.com"),
@@ -663,7 +673,7 @@ mod tests {
         }));
         line.dst = Some("[fe80::1%2]:8080".parse().unwrap());
         line.cgroup_id = Some(u64::MAX);
-        line.method = Some("GET".to_owned());
+        line.method = Some("GET".into());
         line.host = Some("grafana.example".to_owned());
         line.path = Some("/a/\u{1}/é".to_owned());
         line.upstream = Some("10.1.0.3:3000".parse().unwrap());
@@ -679,7 +689,12 @@ mod tests {
         let metrics = Metrics::new(None);
         for line in [
             full_line(),
-            RequestLine::new(&"n".into(), String::new(), "[::1]:1".parse().unwrap(), "h2"),
+            RequestLine::new(
+                &"n".into(),
+                RequestId::fixed(b"ffffffffffffffffffffffffffffffff"),
+                "[::1]:1".parse().unwrap(),
+                "h2",
+            ),
         ] {
             let captured = capture::Captured::default();
             {
@@ -826,7 +841,7 @@ mod tests {
             let _guard = captured.install();
             let mut line = RequestLine::new(
                 &"node-a".into(),
-                "0123456789abcdef0123456789abcdef".into(),
+                RequestId::fixed(b"0123456789abcdef0123456789abcdef"),
                 "10.1.1.2:43122".parse().unwrap(),
                 "http/1.1",
             );

@@ -38,14 +38,14 @@ struct ConnectionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    service: String,
+    service: Arc<str>,
     decision: &'static str,
     reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabels {
-    service: String,
+    service: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -120,6 +120,8 @@ pub struct Metrics {
     kube_health: Arc<Mutex<Option<Health>>>,
     /// `(service, notAfter)` of the certificates of TLS services, as last checked.
     tls_expiry: Arc<Mutex<Vec<(String, i64)>>>,
+    /// The `service` label of requests that never resolved to one: empty.
+    no_service: Arc<str>,
 }
 
 impl fmt::Debug for Metrics {
@@ -223,6 +225,7 @@ impl Metrics {
             kube_applies,
             kube_health,
             tls_expiry,
+            no_service: Arc::from(""),
         }
     }
 
@@ -260,14 +263,16 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a request and its latency. The service's name is shared, not copied: the labels'
+    /// lookups allocate nothing once the series exist.
     pub fn request(
         &self,
-        service: Option<&str>,
+        service: Option<&Arc<str>>,
         decision: Decision,
         reason: &'static str,
         latency_us: u64,
     ) {
-        let service = service.unwrap_or_default().to_owned();
+        let service = service.unwrap_or(&self.no_service).clone();
         self.requests
             .get_or_create(&RequestLabels {
                 service: service.clone(),
@@ -422,7 +427,9 @@ impl Collector for TlsCollector {
             MetricType::Gauge,
         )?;
         for (service, not_after) in certificates {
-            let labels = ServiceLabels { service };
+            let labels = ServiceLabels {
+                service: service.into(),
+            };
             ConstGauge::new(not_after).encode(metric.encode_family(&labels)?)?;
         }
         Ok(())

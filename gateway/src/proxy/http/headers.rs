@@ -41,6 +41,12 @@ impl RequestId {
         Self(out)
     }
 
+    /// A fixed id, for tests that compare whole lines.
+    #[cfg(test)]
+    pub(crate) const fn fixed(digits: &[u8; 32]) -> Self {
+        Self(*digits)
+    }
+
     pub fn as_str(&self) -> &str {
         // Hex digits only.
         std::str::from_utf8(&self.0).unwrap_or_default()

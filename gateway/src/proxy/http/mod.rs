@@ -23,6 +23,7 @@ pub mod response;
 mod upstream;
 
 use std::{
+    borrow::Cow,
     net::SocketAddr,
     sync::{
         Arc, Mutex, PoisonError,
@@ -445,7 +446,7 @@ where
         .error
         .map_or("framing_invalid", framing::FramingError::code);
     let mut line = new_line(conn, &request_id);
-    line.method = refused.method.as_deref().map(clip);
+    line.method = refused.method.as_deref().map(|m| Cow::Owned(clip(m)));
     line.path = refused.target.as_deref().map(clip);
     line.host = refused.host.as_deref().map(clip);
     resolve_service(conn, &mut line);
@@ -505,7 +506,7 @@ fn log_conn_error(err: Option<hyper::Error>, conn: &Conn) {
 fn new_line(conn: &Conn, request_id: &RequestId) -> RequestLine {
     let mut line = RequestLine::new(
         &conn.shared.node,
-        request_id.as_str().to_owned(),
+        *request_id,
         conn.peer,
         conn.protocol.as_str(),
     );
@@ -523,6 +524,26 @@ fn resolve_service(conn: &Conn, line: &mut RequestLine) {
     }
 }
 
+/// The method for the decision line: a static string for the standard methods (no copy a
+/// request), a clipped copy of any other.
+fn method_name(method: &Method) -> Cow<'static, str> {
+    const STANDARD: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::HEAD, "HEAD"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::PATCH, "PATCH"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    STANDARD.iter().find(|(m, _)| m == method).map_or_else(
+        || Cow::Owned(clip(method.as_str())),
+        |&(_, name)| Cow::Borrowed(name),
+    )
+}
+
 fn micros(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
@@ -538,7 +559,7 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
     let request_id = RequestId::new();
     let mut line = new_line(conn, &request_id);
-    line.method = Some(clip(req.method().as_str()));
+    line.method = Some(method_name(req.method()));
     let html = req
         .headers()
         .get_all(header::ACCEPT)

@@ -386,7 +386,7 @@ async fn allow_and_deny_by_policy_with_decision_lines() {
     assert_eq!(l["request_id"].as_str().unwrap().len(), 32);
     assert_eq!(
         l["policy_version"],
-        cfg.services[0].http.as_ref().unwrap().policy.version
+        *cfg.services[0].http.as_ref().unwrap().policy.version
     );
     assert!(l["latency_us"].is_u64());
     assert_eq!(lines[1]["decision"], "deny");

@@ -178,6 +178,7 @@ fn the_harness_config_is_accepted() {
         auth: None,
         workloads: Vec::new(),
         sections: Vec::new(),
+        proxy_threads: Some(2),
     };
     let file = scratch.write("harness.yaml", &config.to_yaml());
     let out = gateway(&["check-config"], &file);

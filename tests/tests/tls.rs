@@ -131,8 +131,11 @@ impl Tls {
                 .http(json!({"hosts": [http_host]}))
                 .policy(policy())
         };
+        // The TLS tests also cover the proxy's single-threaded runtime (`proxy.threads: 1`, what
+        // a gateway limited to one CPU runs); the other end-to-end tests run one worker per CPU.
         let config = node
             .gateway_config()
+            .proxy_threads(1)
             .service(service("api", 20, node.pod("b").v4(8080), API))
             .service(service("web", 21, node.pod("c").v4(8080), WEB))
             .service(service("secure", 22, d.v4(8443), SECURE))
@@ -212,6 +215,16 @@ impl Tls {
             })
             .unwrap_or_else(|e| panic!("{e}; reply {reply:?}\n{}", self.gw.stderr()))
     }
+
+    /// The gateway's threads named `ng-proxy` (`/proc/PID/task/*/comm`).
+    fn proxy_threads(&self) -> usize {
+        let tasks = format!("/proc/{}/task", self.gw.pid());
+        std::fs::read_dir(&tasks)
+            .unwrap_or_else(|e| panic!("{tasks}: {e}"))
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim_end() == "ng-proxy")
+            .count()
+    }
 }
 
 /// `revoked.crt`/`.key`: a certificate of the client CA with everything right, and
@@ -285,6 +298,9 @@ fn sni_chooses_between_two_services_on_one_address() {
     assert_eq!(s(&line, "decision"), "deny", "{line}");
     assert_eq!(s(&line, "reason"), "plain_http_to_tls", "{line}");
     assert_eq!(s(&line, "service"), "api", "{line}");
+
+    // All of it was served by one proxy thread.
+    assert_eq!(t.proxy_threads(), 1, "proxy.threads: 1");
 
     // A name no service has: api's certificate as the default, which curl refuses for it.
     let reply = t.get("unknown.nodegate.test", 20, "/", None);

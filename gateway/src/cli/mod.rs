@@ -2,6 +2,7 @@
 //! `decisions`, `crd`. Exit codes: 0 ok (`explain`: allow), 2 `explain`: deny, 64 config or usage
 //! error (`EX_USAGE`), 1 runtime error.
 
+mod dataplane;
 mod decisions;
 mod explain;
 mod inspect;

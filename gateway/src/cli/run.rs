@@ -21,6 +21,7 @@ use tokio::{
 
 use super::{
     CliError,
+    dataplane::{Dataplane, Flavor},
     reload::{Reloader, log_sync},
 };
 use crate::{
@@ -67,11 +68,9 @@ pub(super) fn run(path: Option<&Path>, overrides: &Overrides) -> Result<(), CliE
         Arc::from(signer.jwks()),
     )?;
     let runtime_err = |what| move |source| CliError::Runtime { what, source };
-    let dataplane = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("ng-proxy")
-        .enable_all()
-        .build()
-        .map_err(runtime_err("proxy"))?;
+    let flavor = Flavor::configured(config.proxy.threads);
+    let dataplane = Dataplane::start(flavor).map_err(runtime_err("proxy"))?;
+    tracing::info!(runtime = ?flavor, "proxy runtime started");
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -96,7 +95,7 @@ pub(super) fn run(path: Option<&Path>, overrides: &Overrides) -> Result<(), CliE
         http: HttpContext::new(
             auth.clone(),
             signer,
-            browser_login(&config, &dataplane)?,
+            browser_login(&config, dataplane.handle())?,
             Some(config.proxy.mark),
             routes.clone(),
         ),
@@ -148,7 +147,7 @@ pub(super) fn run(path: Option<&Path>, overrides: &Overrides) -> Result<(), CliE
         }
         result
     });
-    dataplane.shutdown_timeout(Duration::from_secs(1));
+    dataplane.shutdown(Duration::from_secs(1));
     admin.stop();
     // The datapath is dropped here; its links stay pinned, so protection holds (fail closed).
     drop(reloader);
@@ -496,7 +495,7 @@ fn source_lookup(routes: &SharedRoutes) -> SourceLookup {
 /// on `runtime`: the gateway starts while its identity provider is still coming up.
 fn browser_login(
     config: &Config,
-    runtime: &tokio::runtime::Runtime,
+    runtime: &tokio::runtime::Handle,
 ) -> Result<Option<Arc<dyn LoginFlow>>, CliError> {
     let Some(section) = &config.login else {
         return Ok(None);

@@ -11,6 +11,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    num::NonZeroUsize,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -262,6 +263,10 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     #[serde(rename = "drain_timeout_ms", serialize_with = "as_millis")]
     pub drain_timeout: Duration,
+    /// The proxy's threads; `None`: one per CPU the process may use. One runs the proxy on a
+    /// single-threaded runtime (see `cli::dataplane`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<NonZeroUsize>,
 }
 
 impl ProxyConfig {
@@ -380,8 +385,8 @@ pub fn strip_port(host: &str) -> &str {
 #[derive(Debug, Serialize)]
 pub struct ServicePolicy {
     /// First 12 hex digits of the SHA-256 of the policy's canonical YAML: equal text, equal
-    /// version, across reloads and nodes.
-    pub version: String,
+    /// version, across reloads and nodes. Shared with every decision line logged under it.
+    pub version: Arc<str>,
     pub deny_rules: usize,
     pub allow_rules: usize,
     #[serde(skip)]
@@ -412,7 +417,7 @@ impl ServicePolicy {
             out
         });
         Ok(Self {
-            version,
+            version: version.into(),
             deny_rules,
             allow_rules,
             compiled: CompiledPolicy::compile(&policy),
@@ -590,6 +595,7 @@ impl Config {
             "proxy.drain_timeout_ms",
             self.proxy.drain_timeout != new.proxy.drain_timeout,
         );
+        check("proxy.threads", self.proxy.threads != new.proxy.threads);
         check("admin.listen", self.admin.listen != new.admin.listen);
         check("log", self.log != new.log);
         // The assertion key is generated at start and its issuer is what backends pin.
@@ -1079,6 +1085,9 @@ fn parse_mark(value: &serde_yaml::Value) -> Result<u32, String> {
     }
 }
 
+/// More proxy threads than this is a typo, not a node.
+const MAX_PROXY_THREADS: usize = 1024;
+
 fn parse_millis(path: &str, ms: Option<u64>, default: Duration, p: &mut Problems) -> Duration {
     match ms {
         None => default,
@@ -1140,12 +1149,26 @@ fn parse_proxy(raw: Option<raw::RawProxy>, p: &mut Problems) -> Option<ProxyConf
         DEFAULT_DRAIN_TIMEOUT,
         p,
     );
+    let threads = match raw.threads {
+        None => Some(None),
+        Some(n) => match usize::try_from(n).ok().and_then(NonZeroUsize::new) {
+            Some(n) if n.get() <= MAX_PROXY_THREADS => Some(Some(n)),
+            _ => {
+                p.push(
+                    "proxy.threads",
+                    format!("must be 1 to {MAX_PROXY_THREADS}, or absent for one per CPU"),
+                );
+                None
+            }
+        },
+    };
     Some(ProxyConfig {
         listen: listen?,
         listen_v6: listen_v6?,
         mark: mark?,
         connect_timeout,
         drain_timeout,
+        threads: threads?,
     })
 }
 

@@ -101,6 +101,7 @@ pub(super) struct RawProxy {
     pub mark: Option<serde_yaml::Value>,
     pub connect_timeout_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,
+    pub threads: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -233,6 +233,14 @@ fn bad_configs_name_the_field() {
             "proxy.connect_timeout_ms: invalid type: integer `-1`",
         ),
         (
+            good_with("connect_timeout_ms: 3000", "threads: 0"),
+            "proxy.threads: must be 1 to 1024, or absent for one per CPU",
+        ),
+        (
+            good_with("connect_timeout_ms: 3000", "threads: 1025"),
+            "proxy.threads: must be 1 to 1024",
+        ),
+        (
             good_with("listen: 127.0.0.1:15021", "listen: 10.77.0.1:15001"),
             "admin.listen: 10.77.0.1:15001 is also a proxy listener",
         ),
@@ -387,6 +395,18 @@ fn restart_required_fields() {
     b.proxy.listen = "10.77.0.9:15001".parse().unwrap();
     b.log.bypass_lines_per_source = 1;
     assert_eq!(a.restart_required(&b), ["proxy.listen", "log"]);
+    b.proxy.threads = NonZeroUsize::new(1);
+    assert_eq!(
+        a.restart_required(&b),
+        ["proxy.listen", "proxy.threads", "log"]
+    );
+}
+
+#[test]
+fn proxy_threads_default_to_the_cpus() {
+    assert_eq!(parse(GOOD).unwrap().proxy.threads, None);
+    let one = parse(&good_with("connect_timeout_ms: 3000", "threads: 1")).unwrap();
+    assert_eq!(one.proxy.threads, NonZeroUsize::new(1));
 }
 
 const HTTP: &str = r#"

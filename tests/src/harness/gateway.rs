@@ -123,6 +123,8 @@ pub struct GatewayConfig {
     pub workloads: Vec<Value>,
     /// Other top-level sections (`login:` ...), written as given, in order.
     pub sections: Vec<(String, Value)>,
+    /// `proxy.threads` (absent: one per CPU).
+    pub proxy_threads: Option<u32>,
 }
 
 impl GatewayConfig {
@@ -140,7 +142,15 @@ impl GatewayConfig {
             auth: None,
             workloads: Vec::new(),
             sections: Vec::new(),
+            proxy_threads: None,
         }
+    }
+
+    /// Sets `proxy.threads`.
+    #[must_use]
+    pub fn proxy_threads(mut self, threads: u32) -> Self {
+        self.proxy_threads = Some(threads);
+        self
     }
 
     #[must_use]
@@ -191,19 +201,14 @@ impl GatewayConfig {
         let _ = writeln!(y, "node: {}", q(&self.node));
         let _ = writeln!(y, "cgroup: {}", q(&self.cgroup.to_string_lossy()));
         let _ = writeln!(y, "bpffs: {}", q(&self.bpffs.to_string_lossy()));
-        match self.proxy_v6 {
-            Some(v6) => {
-                let _ = writeln!(
-                    y,
-                    "proxy: {{ listen: {}, listen_v6: {} }}",
-                    q(&self.proxy_v4.to_string()),
-                    q(&v6.to_string())
-                );
-            }
-            None => {
-                let _ = writeln!(y, "proxy: {{ listen: {} }}", q(&self.proxy_v4.to_string()));
-            }
+        let _ = write!(y, "proxy: {{ listen: {}", q(&self.proxy_v4.to_string()));
+        if let Some(v6) = self.proxy_v6 {
+            let _ = write!(y, ", listen_v6: {}", q(&v6.to_string()));
         }
+        if let Some(threads) = self.proxy_threads {
+            let _ = write!(y, ", threads: {threads}");
+        }
+        let _ = writeln!(y, " }}");
         let _ = writeln!(y, "admin: {{ listen: {} }}", q(&self.admin.to_string()));
         let _ = writeln!(
             y,
@@ -749,6 +754,7 @@ mod tests {
             auth: None,
             workloads: Vec::new(),
             sections: Vec::new(),
+            proxy_threads: None,
         }
     }
 

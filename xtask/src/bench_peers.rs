@@ -271,8 +271,8 @@ pub fn render_http(md: &mut String, peers: &Value) {
     let _ = writeln!(
         md,
         "## Side by side: Nodegate, Envoy, nginx\n\n\
-         The proxy under test is pinned to CPU {} (`taskset`; the gateway's runtime then has one \
-         worker thread, Envoy runs with `--concurrency 1`, nginx with one process), the load \
+         The proxy under test is pinned to CPU {} (`taskset`; the gateway then runs its proxy on one \
+         thread, a single-threaded runtime, Envoy runs with `--concurrency 1`, nginx with one process), the load \
          generator to CPU {} with one thread, and the nginx `return 200` backend (one process) \
          also to CPU {}, so that CPU {} is the proxy's alone. {} trial(s); each trial runs every \
          target in a rotated order, each proxy freshly started. Per target: a {} s warm-up, then \

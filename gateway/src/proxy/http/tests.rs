@@ -1134,3 +1134,26 @@ async fn idle_keep_alive_connections_are_released_and_served_again() {
     tokio::time::sleep(pause).await;
     drain_closes_at_once(p, c).await;
 }
+
+/// The decision line's method: the standard ones borrowed, any other (an extension method)
+/// copied, and clipped like every request-controlled string.
+#[test]
+fn method_names_are_static_for_the_standard_methods() {
+    for name in [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ] {
+        let method = Method::from_bytes(name.as_bytes()).unwrap();
+        assert!(
+            matches!(method_name(&method), Cow::Borrowed(n) if n == name),
+            "{name}"
+        );
+    }
+    let purge = Method::from_bytes(b"PURGE").unwrap();
+    assert!(matches!(method_name(&purge), Cow::Owned(n) if n == "PURGE"));
+    // Methods are case-sensitive: `get` is an extension method, not GET.
+    let lower = Method::from_bytes(b"get").unwrap();
+    assert!(matches!(method_name(&lower), Cow::Owned(n) if n == "get"));
+    let long = Method::from_bytes("X".repeat(2000).as_bytes()).unwrap();
+    assert_eq!(method_name(&long), clip(&"X".repeat(2000)));
+    assert!(method_name(&long).len() < 2000);
+}

@@ -6,12 +6,11 @@
 //! thread of its own, as linkerd2-proxy does with one core. With more, the multi-thread
 //! runtime, one worker per CPU.
 
-use std::{future::Future, io, num::NonZeroUsize, thread, time::Duration};
+use std::{io, num::NonZeroUsize, thread, time::Duration};
 
 use tokio::{
     runtime::{Builder, Handle, Runtime},
     sync::oneshot,
-    task::JoinHandle,
 };
 
 /// The thread name of the proxy's workers.
@@ -47,7 +46,7 @@ impl Flavor {
     }
 }
 
-/// The proxy's runtime: spawn onto it through [`Dataplane::spawn`], stop it with
+/// The proxy's runtime: spawn onto it through [`Dataplane::handle`], stop it with
 /// [`Dataplane::shutdown`].
 pub(super) struct Dataplane {
     handle: Handle,
@@ -101,16 +100,9 @@ impl Dataplane {
         }
     }
 
+    /// Where the proxy's tasks are spawned.
     pub(super) const fn handle(&self) -> &Handle {
         &self.handle
-    }
-
-    pub(super) fn spawn<F>(&self, future: F) -> JoinHandle<F::Output>
-    where
-        F: Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        self.handle.spawn(future)
     }
 
     /// Stops the runtime: tasks still running are dropped, blocking tasks get `timeout`.
@@ -145,7 +137,7 @@ mod tests {
     fn runs_spawned_tasks_and_stops() {
         for flavor in [Flavor::OneThread, Flavor::Workers(2)] {
             let dataplane = Dataplane::start(flavor).expect("runtime");
-            let task = dataplane.spawn(async {
+            let task = dataplane.handle().spawn(async {
                 let inner = tokio::spawn(async {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     thread::current().name().map(str::to_owned)
@@ -155,7 +147,7 @@ mod tests {
             let name = futures::executor::block_on(task).expect("task");
             assert_eq!(name.as_deref(), Some(THREAD_NAME), "{flavor:?}");
             // A task that never ends does not hold up the stop.
-            let forever = dataplane.spawn(std::future::pending::<()>());
+            let forever = dataplane.handle().spawn(std::future::pending::<()>());
             dataplane.shutdown(Duration::from_millis(100));
             let err = futures::executor::block_on(forever).expect_err("cancelled");
             assert!(err.is_cancelled(), "{flavor:?}: {err}");

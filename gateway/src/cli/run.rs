@@ -126,7 +126,9 @@ pub(super) fn run(path: Option<&Path>, overrides: &Overrides) -> Result<(), CliE
     let result = control.block_on(async {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let proxy_task =
-            dataplane.spawn(proxy::serve(listeners, shared, shutdown_rx.clone(), drain));
+            dataplane
+                .handle()
+                .spawn(proxy::serve(listeners, shared, shutdown_rx.clone(), drain));
         let bypass_task = tokio::spawn(bypass_log.run(events, shutdown_rx));
         readiness.set_listening(true);
         tracing::info!(admin = %admin.local_addr(), "ready");

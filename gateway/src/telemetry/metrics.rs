@@ -103,6 +103,9 @@ pub enum ReloadResult {
     Error,
 }
 
+/// `(service, notAfter)` of the TLS services' certificates, shared with the collector.
+type SharedExpiries = Arc<Mutex<Vec<(Arc<str>, i64)>>>;
+
 pub struct Metrics {
     registry: Registry,
     connections: Family<ConnectionLabels, Counter>,
@@ -119,7 +122,7 @@ pub struct Metrics {
     /// The Kubernetes source's health as last reported (`None`: no source).
     kube_health: Arc<Mutex<Option<Health>>>,
     /// `(service, notAfter)` of the certificates of TLS services, as last checked.
-    tls_expiry: Arc<Mutex<Vec<(String, i64)>>>,
+    tls_expiry: SharedExpiries,
     /// The `service` label of requests that never resolved to one: empty.
     no_service: Arc<str>,
 }
@@ -231,7 +234,7 @@ impl Metrics {
 
     /// The TLS services' certificates (`(service, notAfter)`), for
     /// `nodegate_tls_certificate_expiry_timestamp_seconds`.
-    pub fn tls_certificates(&self, certificates: Vec<(String, i64)>) {
+    pub fn tls_certificates(&self, certificates: Vec<(Arc<str>, i64)>) {
         *self
             .tls_expiry
             .lock()
@@ -407,7 +410,7 @@ impl Collector for KernelCollector {
 /// `nodegate_tls_certificate_expiry_timestamp_seconds - time() < 7 * 86400`.
 #[derive(Debug)]
 struct TlsCollector {
-    certificates: Arc<Mutex<Vec<(String, i64)>>>,
+    certificates: SharedExpiries,
 }
 
 impl Collector for TlsCollector {
@@ -427,9 +430,7 @@ impl Collector for TlsCollector {
             MetricType::Gauge,
         )?;
         for (service, not_after) in certificates {
-            let labels = ServiceLabels {
-                service: service.into(),
-            };
+            let labels = ServiceLabels { service };
             ConstGauge::new(not_after).encode(metric.encode_family(&labels)?)?;
         }
         Ok(())

@@ -659,7 +659,7 @@ pub async fn watch(
                     .iter()
                     .filter_map(|s| {
                         let tls = s.http.as_ref()?.tls.as_ref()?;
-                        Some((s.name.to_string(), tls.not_after()?))
+                        Some((s.name.clone(), tls.not_after()?))
                     })
                     .collect(),
             );
